@@ -1,0 +1,12 @@
+"""Flax NNX modules: the layers of ``jaxnorm.linen`` over the same ``jaxnorm.functional`` code.
+
+Models stay linen (see ``jaxnorm.models``); these layers are for users whose own code is NNX.
+Equivalence with linen (same parameters, same outputs and gradients) is tested in
+``tests/test_nnx_*.py``.
+"""
+
+# --- BatchNorm ---
+
+# --- BackwardGradNorm and SkipInit ---
+
+# --- Convolutions: Conv, WSConv, ScaledWSConv, PWSConv ---
