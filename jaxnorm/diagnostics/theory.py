@@ -1,0 +1,354 @@
+"""Closed-form predictions at initialization for the five papers' signal-propagation claims.
+
+Every function here is pure numpy: it takes Python numbers and returns numbers or numpy arrays, so
+it can be overlaid on measurements (``jaxnorm.diagnostics.plots``) and asserted against in tests.
+
+Conventions. A residual network is a stem followed by blocks ``x_{l+1} = x_l + alpha * f_l(x_l)``,
+``l = 0 .. L-1``. Per-block arrays have length ``L + 1``: index 0 is the stem output (the input of
+the first block), index ``l + 1`` the skip path after block ``l``. The statistics are those of
+``jaxnorm.functional.signal_metrics`` / papers.md §0: ``avg_var`` = mean over channels of the batch
+variance, ``avg_sq_mean`` = mean over channels of the squared batch mean.
+
+References:
+  De & Smith 2020 (arXiv 2002.10444), papers.md §3; Brock, De & Smith 2021a (NF-ResNets), papers.md
+  §5b; Panigrahi, Chen & Kuo 2018 (arXiv 1812.00342), papers.md §1(a); Bjorck et al. 2018
+  (arXiv 1806.02375), papers.md §4; Liu, Ge, Li & Gui 2021 (PWS), papers.md §5(a).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from jaxnorm.functional._checks import check_choice, check_positive, fail
+
+_LAYER = 'jaxnorm.diagnostics.theory'
+RESIDUAL_NORMS = ('batch_norm', 'none')
+
+# E[relu(z)] and Var[relu(z)] for z ~ N(0, 1).
+RELU_MEAN = 1.0 / math.sqrt(2.0 * math.pi)
+RELU_VAR = 0.5 - 1.0 / (2.0 * math.pi)
+
+# Gauss-Hermite (probabilists') nodes for expectations over the channel means, E_{u~N(0,1)} h(u).
+_GH_NODES, _GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(80)
+_GH_WEIGHTS = _GH_WEIGHTS / _GH_WEIGHTS.sum()
+
+
+def _phi(t):
+  return np.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
+
+
+def _Phi(t):
+  return 0.5 * (1.0 + np.vectorize(math.erf)(t / math.sqrt(2.0)))
+
+
+def relu_moments(mu, var):
+  """Mean and second moment of ``relu(z)`` for ``z ~ N(mu, var)`` (elementwise, numpy).
+
+  ``E relu(z) = mu Phi(t) + s phi(t)``, ``E relu(z)^2 = (mu^2 + var) Phi(t) + mu s phi(t)``, with
+  ``s = sqrt(var)``, ``t = mu / s`` (the rectified-Gaussian moments).
+
+  Args:
+    mu: mean(s) of the Gaussian.
+    var: variance(s), positive.
+
+  Returns:
+    ``(first_moment, second_moment)`` as numpy arrays.
+
+  References:
+    Standard identity; used by every residual recurrence below (papers.md §3, §5b).
+  """
+  mu = np.asarray(mu, np.float64)
+  s = np.sqrt(np.asarray(var, np.float64))
+  t = mu / s
+  m1 = mu * _Phi(t) + s * _phi(t)
+  m2 = (mu * mu + s * s) * _Phi(t) + mu * s * _phi(t)
+  return m1, m2
+
+
+def _check_depth(arg: str, depth) -> int:
+  if not isinstance(depth, (int, np.integer)) or depth < 0:
+    fail(_LAYER, arg, 'a non-negative int', repr(depth))
+  return int(depth)
+
+
+def residual_skip_moments(num_blocks: int, *, norm: str = 'batch_norm', alpha: float = 1.0,
+                          var0: float = 1.0, sq_mean0: float = 0.0) -> dict[str, np.ndarray]:
+  """Predicted skip-path ``avg_var`` / ``avg_sq_mean`` per block of a pre-activation residual net.
+
+  Model (the MLP analogue of a pre-activation ResNet, papers.md §3 and §5b "SPP predictions"):
+  ``x_{l+1} = x_l + alpha * W_l relu(N(x_l))`` with ``W_l`` He-normal (variance ``2 / fan_in``),
+  ``N`` = per-channel BatchNorm (``norm='batch_norm'``) or the identity (``norm='none'``).
+
+  Derivation [recon]. Model each channel ``j`` of ``x_l`` over the batch as ``N(mu_j, v)`` with the
+  channel means ``mu_j ~ N(0, S)`` across channels, so ``avg_var = v`` and ``avg_sq_mean = S``. Let
+  ``m_j = mean_B relu(N(x)_j)`` and ``s_j = mean_B relu(N(x)_j)^2``. Averaging over the fresh,
+  independent ``W_l``, the branch output ``h_c = sum_j W_cj relu(.)_j`` has squared channel mean
+  ``2 E_j[m_j^2]`` and channel variance ``2 E_j[s_j - m_j^2]``, and is uncorrelated with ``x_l``, so
+
+      v_{l+1} = v_l + alpha^2 * 2 E_j[s_j - m_j^2],     S_{l+1} = S_l + alpha^2 * 2 E_j[m_j^2].
+
+  * BatchNorm: ``N(x)_j ~ N(0, 1)`` whatever ``(v, S)``, so ``m = 1/sqrt(2 pi)``, ``s = 1/2`` and
+    the skip path grows *linearly*: ``avg_var`` by ``alpha^2 (1 - 1/pi) ~ 0.68``, ``avg_sq_mean`` by
+    ``alpha^2 / pi ~ 0.32`` per block (De & Smith: the branch is ``~1/sqrt(l)`` of the skip path).
+  * No normalization: ``E_j[s_j] = (v + S)/2``, so the total second moment ``v + S`` is multiplied
+    by ``1 + alpha^2`` per block: it *doubles* for ``alpha = 1`` (geometric growth), stays exactly
+    constant for SkipInit ``alpha = 0`` and is bounded by ``e`` for ``alpha = 1/sqrt(L)``
+    (``(1 + 1/L)^L < e``). The split between ``v`` and ``S`` uses Gauss-Hermite quadrature over
+    ``mu_j``.
+
+  Args:
+    num_blocks: number of residual blocks L (>= 0).
+    norm: 'batch_norm' or 'none' (the residual branch's normalization).
+    alpha: scalar gain on the residual branch (1 = plain ResNet; 0 or 1/sqrt(L) = SkipInit).
+    var0: ``avg_var`` of the stem output (1 for N(0,1) inputs through a LeCun-normal projection).
+    sq_mean0: ``avg_sq_mean`` of the stem output.
+
+  Returns:
+    dict with numpy float64 arrays ``avg_var``, ``avg_sq_mean`` (length L + 1, index 0 = stem) and
+    ``res_avg_var`` (length L: variance of the branch output *before* ``alpha``).
+
+  References:
+    De & Smith 2020, papers.md §3(a) (sqrt(depth) argument, SkipInit); Brock et al. 2021a SPPs,
+    papers.md §5b "SPP predictions at init" (+0.68 / +0.32 per block). The (v, S) split for the
+    unnormalized net is a reconstruction.
+  """
+  num_blocks = _check_depth('num_blocks', num_blocks)
+  check_choice(_LAYER, 'norm', norm, RESIDUAL_NORMS)
+  check_positive(_LAYER, 'var0', var0)
+  check_positive(_LAYER, 'sq_mean0', sq_mean0, allow_zero=True)
+  v, s_mean = float(var0), float(sq_mean0)
+  avg_var, avg_sq_mean, res_var = [v], [s_mean], []
+  a2 = float(alpha) ** 2
+  for _ in range(num_blocks):
+    if norm == 'batch_norm':
+      e_m2, e_s = RELU_MEAN ** 2, 0.5
+    else:
+      mu = math.sqrt(s_mean) * _GH_NODES
+      m1, m2 = relu_moments(mu, np.full_like(mu, v))
+      e_m2, e_s = float(_GH_WEIGHTS @ (m1 * m1)), float(_GH_WEIGHTS @ m2)
+    branch_var, branch_sq_mean = 2.0 * (e_s - e_m2), 2.0 * e_m2
+    res_var.append(branch_var)
+    v, s_mean = v + a2 * branch_var, s_mean + a2 * branch_sq_mean
+    avg_var.append(v)
+    avg_sq_mean.append(s_mean)
+  return {'avg_var': np.asarray(avg_var), 'avg_sq_mean': np.asarray(avg_sq_mean),
+          'res_avg_var': np.asarray(res_var)}
+
+
+def bn_preactivation_slopes(alpha: float = 1.0) -> dict[str, float]:
+  """Per-block growth of the skip path of a BN pre-activation residual net (linear regime).
+
+  ``d avg_var / d l = alpha^2 (1 - 1/pi)``, ``d avg_sq_mean / d l = alpha^2 / pi``, and their sum is
+  ``alpha^2`` (He init keeps ``E[branch^2] = 1``). See ``residual_skip_moments`` for the derivation.
+
+  Args:
+    alpha: residual-branch gain.
+
+  Returns:
+    ``{'avg_var': ..., 'avg_sq_mean': ...}`` slopes per block.
+
+  References:
+    De & Smith 2020 (papers.md §3); Brock et al. 2021a (papers.md §5b, +0.68 / +0.32).
+  """
+  a2 = float(alpha) ** 2
+  return {'avg_var': a2 * 2.0 * RELU_VAR, 'avg_sq_mean': a2 * 2.0 * RELU_MEAN ** 2}
+
+
+def unnormalized_growth_factor(alpha: float = 1.0) -> float:
+  """Factor by which an unnormalized residual block multiplies the skip path's second moment.
+
+  ``E[x_{l+1}^2] = (1 + alpha^2) E[x_l^2]`` for He-init ReLU branches (see
+  ``residual_skip_moments``): 2 for a plain ResNet (doubling), 1 for SkipInit(0).
+
+  Args:
+    alpha: residual-branch gain.
+
+  Returns:
+    The per-block growth factor.
+
+  References:
+    De & Smith 2020, papers.md §3(a).
+  """
+  return 1.0 + float(alpha) ** 2
+
+
+def nf_expected_variance(num_blocks: int, alpha: float = 0.2) -> np.ndarray:
+  """NF-ResNet expected skip-path variance after block j of a stage: ``1 + (j + 1) alpha^2``.
+
+  Each block adds ``alpha * f(x / beta)`` whose branch has unit variance (scaled WS + gamma-scaled
+  activations), and ``expected_std`` is reset to 1 at each stage's first block (its shortcut is a
+  conv on the normalized input), so the variance after block ``j = 0, 1, ...`` is
+  ``1 + (j + 1) alpha^2``.
+
+  Args:
+    num_blocks: blocks in the stage (>= 0).
+    alpha: the NF-ResNet alpha (0.2 in nf_resnet.py).
+
+  Returns:
+    numpy array of length ``num_blocks``.
+
+  References:
+    Brock, De & Smith 2021a, deepmind nfnets/nf_resnet.py (expected_std bookkeeping), papers.md §5b.
+  """
+  num_blocks = _check_depth('num_blocks', num_blocks)
+  return 1.0 + (np.arange(num_blocks) + 1.0) * float(alpha) ** 2
+
+
+def gradient_variance_recurrence(avg_var: np.ndarray, *, norm: str = 'batch_norm',
+                                 alpha: float = 1.0, grad_var_out: float = 1.0,
+                                 grad_sq_mean_out: float = 0.0) -> dict[str, np.ndarray]:
+  """Predicted ``grad_var`` / ``grad_sq_mean`` of dL/d(skip path), from the last block backwards.
+
+  [recon] Panigrahi et al.'s text is not available; this is the reconstruction of papers.md §1(a),
+  specialised to pre-activation blocks ``x_{l+1} = x_l + alpha W relu(BN(x_l))`` (He-normal W):
+
+  * BatchNorm: the branch's backward is ``(alpha / sigma_l) P D W^T g`` with ``D`` the ReLU mask and
+    ``P`` the BN projection, which removes the batch mean (papers.md §0). ``W^T`` doubles the second
+    moment, ``D`` halves it, so with ``sigma_l^2 = avg_var_l``:
+
+        grad_sq_mean_l = grad_sq_mean_{l+1}
+        grad_var_l     = grad_var_{l+1} + alpha^2 (grad_var_{l+1} + grad_sq_mean_{l+1}) / avg_var_l
+
+    With ``avg_var_l ~ v0 + c l`` the product ``prod (1 + 1/avg_var_l)`` grows like ``L^(1/c)``:
+    polynomially in depth (BN and the skip "confine" the gradient variance).
+  * No normalization: the branch Jacobian ``alpha W D`` multiplies the gradient's second moment by
+    ``1 + alpha^2`` per block: exponential (``2^L``) for alpha = 1, constant for SkipInit(0). The
+    mean/variance split is not modelled: both are scaled by ``1 + alpha^2``.
+
+  Args:
+    avg_var: forward skip-path ``avg_var`` per block, length L + 1 (index 0 = stem, as returned by
+      ``residual_skip_moments``); only indices 0..L-1 (the inputs of the blocks) are used.
+    norm: 'batch_norm' or 'none'.
+    alpha: residual-branch gain.
+    grad_var_out: ``grad_var`` at the output of the last block (index L).
+    grad_sq_mean_out: ``grad_sq_mean`` at index L.
+
+  Returns:
+    dict with numpy arrays ``grad_var`` and ``grad_sq_mean``, length L + 1, index as ``avg_var``.
+
+  References:
+    Panigrahi, Chen & Kuo 2018 (arXiv 1812.00342), papers.md §1(a) steps 1-3 [recon].
+  """
+  check_choice(_LAYER, 'norm', norm, RESIDUAL_NORMS)
+  avg_var = np.asarray(avg_var, np.float64)
+  if avg_var.ndim != 1 or avg_var.size < 1:
+    fail(_LAYER, 'avg_var', 'a 1-D array of length L + 1 >= 1', f'shape {avg_var.shape}')
+  n = avg_var.size
+  a2 = float(alpha) ** 2
+  gv, gm = np.empty(n), np.empty(n)
+  gv[-1], gm[-1] = grad_var_out, grad_sq_mean_out
+  for i in range(n - 2, -1, -1):
+    if norm == 'batch_norm':
+      gm[i] = gm[i + 1]
+      gv[i] = gv[i + 1] + a2 * (gv[i + 1] + gm[i + 1]) / avg_var[i]
+    else:
+      gm[i] = gm[i + 1] * (1.0 + a2)
+      gv[i] = gv[i + 1] * (1.0 + a2)
+  return {'grad_var': gv, 'grad_sq_mean': gm}
+
+
+def bn_gradient_growth_exponent(alpha: float = 1.0) -> float:
+  """Exponent p of the BN-ResNet gradient-variance ratio ``grad_var_0 / grad_var_L ~ L^p``.
+
+  From ``gradient_variance_recurrence`` with ``avg_var_l ~ l alpha^2 (1 - 1/pi)`` (and a zero-mean
+  gradient): ``prod_l (1 + alpha^2 / avg_var_l) ~ exp(sum 1/((1 - 1/pi) l)) ~ L^(1/(1 - 1/pi))``,
+  so ``p = pi / (pi - 1) ~ 1.47``, independent of alpha.
+
+  Returns:
+    The exponent p.
+
+  References:
+    Panigrahi et al. 2018, papers.md §1(a) step 3 [recon].
+  """
+  del alpha
+  return 1.0 / (2.0 * RELU_VAR)
+
+
+def plain_bn_gradient_growth() -> float:
+  """Per-layer gradient-variance growth of a plain (no-skip) ReLU BN network: ``pi / (pi - 1)``.
+
+  Returns:
+    ``pi / (pi - 1) ~ 1.467`` (Yang et al. 2019, quoted in papers.md §1(a) step 3).
+
+  References:
+    Yang, Pennington, Rao, Sohl-Dickstein, Schoenholz 2019 "A mean field theory of batch
+    normalization"; papers.md §1(a).
+  """
+  return math.pi / (math.pi - 1.0)
+
+
+def gaussian_product_max_singular_value(num_matrices: int) -> float:
+  """Limit (N -> inf) of the largest singular value of a product of M Gaussian N(0, 1/N) matrices.
+
+  The squared singular values of a product of M Ginibre matrices follow the Fuss-Catalan law, whose
+  support is ``[0, (M + 1)^(M + 1) / M^M]``, so ``s_max -> sqrt((M + 1)^(M + 1) / M^M)``: 2 for one
+  matrix (quarter circle on [0, 2]), ~3.08 for three, ~3.86 for five.
+
+  Args:
+    num_matrices: M >= 1.
+
+  Returns:
+    The limiting largest singular value.
+
+  References:
+    Bjorck, Gomes, Selman & Weinberger 2018, papers.md §4(a) "Random matrix theory" and §4(d).
+  """
+  m = _check_depth('num_matrices', num_matrices)
+  if m < 1:
+    fail(_LAYER, 'num_matrices', 'an int >= 1', repr(num_matrices))
+  return math.sqrt((m + 1) ** (m + 1) / m ** m)
+
+
+def pws_filter_sum_of_squares(sigma2, gamma: float, alpha: float = 1.0):
+  """Per-filter sum of squares of the PWS kernel: ``2 alpha^2 sigma^2 / (sigma^2 + gamma)``.
+
+  ``W_hat_o = sqrt(2/fan) alpha (W_o - mu_o) / sqrt(sigma_o^2 + gamma)`` over the ``fan`` entries of
+  filter o, and ``sum (W_o - mu_o)^2 = fan sigma_o^2`` (biased variance), so
+  ``sum W_hat_o^2 = 2 alpha^2 sigma_o^2 / (sigma_o^2 + gamma)``: the He value 2 only when
+  ``gamma << sigma^2``. The layer's variance gain on a ReLU input is this sum times 1/2.
+
+  Args:
+    sigma2: the (biased) variance of each filter's raw weights (scalar or array).
+    gamma: the PWS epsilon, inside the square root.
+    alpha: PWS per-channel gain.
+
+  Returns:
+    The sum of squares, same shape as ``sigma2``.
+
+  References:
+    Liu, Ge, Li & Gui 2021 (PWS), lyxzzz/PWSConv pws_layer.py; papers.md §5(a) "numeric subtlety".
+  """
+  gamma = np.asarray(gamma, np.float64)
+  if np.any(gamma < 0):
+    fail(_LAYER, 'gamma', 'a non-negative number', gamma)
+  sigma2 = np.asarray(sigma2, np.float64)
+  return 2.0 * float(alpha) ** 2 * sigma2 / (sigma2 + gamma)
+
+
+def pws_gain_per_layer(fan_ins, gamma: float, *, equiv: bool = False) -> np.ndarray:
+  """PWS sum of squares ``2 sigma^2 / (sigma^2 + gamma)`` at He init for each layer's fan-in.
+
+  At init the raw weights have ``sigma^2 = 2 / fan`` (kaiming normal); with ``equiv=True`` the
+  reference implementation uses ``gamma * 2 / fan``, which gives the depth-independent
+  ``2 / (1 + gamma)``. Dividing by 2 gives papers.md's table of "gain^2 relative to He"
+  (e.g. fan 4608 with gamma 1e-3: 0.30).
+
+  Args:
+    fan_ins: sequence of fan-ins (kh * kw * C_in).
+    gamma: PWS epsilon.
+    equiv: the reference's ``equiv`` mode.
+
+  Returns:
+    numpy array, one value per layer (2 = He init preserved).
+
+  References:
+    PWS (Liu et al. 2021), papers.md §5(a) table.
+  """
+  fans = np.asarray(fan_ins, np.float64)
+  if np.any(fans <= 0):
+    fail(_LAYER, 'fan_ins', 'positive fan-ins', fan_ins)
+  sigma2 = 2.0 / fans
+  g = gamma * 2.0 / fans if equiv else gamma
+  return pws_filter_sum_of_squares(sigma2, g)
