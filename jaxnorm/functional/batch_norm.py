@@ -1,0 +1,471 @@
+"""Batch normalization as pure JAX functions, with a closed-form backward pass.
+
+Training mode, per feature (channel) ``c``, with the statistics taken over the reduction axes
+(NHWC: ``(0, 1, 2)``; NC: ``(0,)``), ``m`` entries per channel::
+
+  mu     = mean_B(x)                       # batch mean
+  var    = mean_B((x - mu)^2)              # biased variance, centred two-pass
+  x_hat  = (x - mu) / sqrt(var + eps)
+  y      = gamma * x_hat + beta
+
+Its exact backward (papers.md §0), with ``g = dL/dy``::
+
+  dL/dx     = gamma / sqrt(var + eps) * (g - mean_B(g) - x_hat * mean_B(g * x_hat))
+  dL/dgamma = sum_B(g * x_hat),   dL/dbeta = sum_B(g)
+
+``batch_norm`` implements the step ``x -> x_hat`` as a ``jax.custom_vjp`` with that closed form
+(``closed_form_backward=True``, the default) or as plain autodiff of the direct formula
+(``closed_form_backward=False``). The affine step ``gamma * x_hat + beta`` stays plain JAX, so
+``dgamma`` and ``dbeta`` come out of autodiff as the two sums above, and replicated parameters under
+``shard_map`` get their gradients the way JAX gives them to any other replicated value.
+
+Memory: the closed-form backward keeps only ``x_hat`` (in the statistics dtype, float32 for
+bf16/f32 inputs; the same buffer the affine step keeps for ``dgamma``) and ``1/sqrt(var + eps)``
+(one number per channel and ghost group). Autodiff of the direct formula also keeps the centred
+input ``x - mu``, its square and the broadcast ``1/sqrt(var + eps) * gamma`` factors, i.e. a few
+more activation-sized arrays.
+
+What the custom VJP rules out: forward-mode AD. ``jax.jvp``, ``jax.jacfwd`` and evaluating the
+result of ``jax.linearize`` through ``closed_form_backward=True`` fail with JAX's error "can't
+apply forward-mode autodiff (jvp) to a custom_vjp function"; pass ``closed_form_backward=False``
+for those. Reverse-mode of any order works, and so do ``jax.hessian`` and forward-over-reverse
+Hessian-vector products (the backward rule is itself plain JAX).
+
+Batch statistics are always computed in at least float32 (``stats_dtype``), whatever the input
+dtype (bf16 in, bf16 out, float32 statistics), with the centred two-pass variance, so a common
+offset of 1e4 on float32 inputs costs no precision (``E[x^2] - E[x]^2`` would lose it all).
+
+Multi-device: under ``jit`` with the batch sharded over a ``Mesh``, a plain mean over the batch is
+already global; no ``axis_name`` is needed. Under ``shard_map`` / ``pmap`` pass ``axis_name`` (and
+optionally ``axis_index_groups``): the mean and then the centred variance are ``lax.pmean``-ed, and
+so are the two ``mean_B`` terms of the backward pass.
+
+Ghost batch normalization (De & Smith, after Hoffer et al.): ``ghost_batch_size=k`` splits axis 0
+into ``N // k`` groups of ``k`` consecutive examples and normalizes each group with its own
+statistics; this is a reshape, so it works under plain ``jit``. The backward's ``mean_B`` terms are
+then per group. The returned ``(mean, var)`` (for running averages) are the averages over groups of
+the group means and of the group (biased) variances. With ``axis_name`` as well, groups are formed
+from each device's local batch (no communication in the normalization itself) and only the
+returned ``(mean, var)`` are averaged over devices, so replicas keep identical running statistics.
+
+References:
+  Ioffe & Szegedy (2015), "Batch Normalization" (forward, running averages); papers.md §0 (exact
+  backward and its identities; Panigrahi, Chen & Kuo); papers.md §3 and De & Smith (2020), "Batch
+  Normalization Biases Residual Blocks Towards the Identity Function in Deep Networks" (ghost
+  batch normalization). The backward's closed form is standard algebra ([recon] in papers.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxnorm.functional._checks import check_floating, check_positive, fail, normalize_axes
+
+_LAYER = 'batch_norm'
+
+Axes = int | Sequence[int] | None
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument handling
+# ----------------------------------------------------------------------------------------------
+
+
+def _reduction_axes(x, axes: Axes) -> tuple[int, ...]:
+  """Validates ``x`` and returns the sorted non-negative reduction axes (default: all but last)."""
+  check_floating(_LAYER, 'x', x)
+  ndim = jnp.ndim(x)
+  if ndim < 2:
+    fail(_LAYER, 'x', 'an array of rank >= 2 (batch axis first, features last)',
+         f'rank {ndim} (shape {jnp.shape(x)})')
+  if axes is None:
+    return tuple(range(ndim - 1))
+  out = normalize_axes(_LAYER, 'axes', axes, ndim)
+  if not out:
+    fail(_LAYER, 'axes', 'at least one reduction axis', repr(axes))
+  return out
+
+
+def _feature_shape(shape: Sequence[int], axes: tuple[int, ...]) -> tuple[int, ...]:
+  """Shape of the statistics: ``shape`` with the reduction axes removed."""
+  return tuple(d for a, d in enumerate(shape) if a not in axes)
+
+
+def _check_ghost(shape: Sequence[int], axes: tuple[int, ...], ghost_batch_size) -> None:
+  if ghost_batch_size is None:
+    return
+  if not isinstance(ghost_batch_size, (int, np.integer)) or isinstance(ghost_batch_size, bool):
+    fail(_LAYER, 'ghost_batch_size', 'a positive int or None', repr(ghost_batch_size), TypeError)
+  check_positive(_LAYER, 'ghost_batch_size', ghost_batch_size)
+  if 0 not in axes:
+    fail(_LAYER, 'ghost_batch_size', 'the batch axis 0 among the reduction axes', f'axes {axes}')
+  if shape[0] % ghost_batch_size:
+    fail(_LAYER, 'ghost_batch_size', f'a divisor of the batch size {shape[0]}', ghost_batch_size)
+
+
+def _check_param(arg: str, p, feature_shape: tuple[int, ...]) -> None:
+  if p is None:
+    return
+  check_floating(_LAYER, arg, p)
+  if tuple(jnp.shape(p)) != feature_shape:
+    fail(_LAYER, arg, f'shape {feature_shape} (the non-reduced axes of x)',
+         f'shape {tuple(jnp.shape(p))}')
+
+
+def _check_mask(mask, shape: Sequence[int]) -> None:
+  if mask is None:
+    return
+  try:
+    np.broadcast_shapes(tuple(jnp.shape(mask)), tuple(shape))
+  except ValueError:
+    fail(_LAYER, 'mask', f'a boolean array broadcastable to x.shape {tuple(shape)}',
+         f'shape {tuple(jnp.shape(mask))}')
+
+
+def _axis_size(axis_name, axis_index_groups) -> int:
+  """Number of devices one statistic is averaged over (1 without ``axis_name``)."""
+  if axis_name is None:
+    return 1
+  if axis_index_groups is not None:
+    return len(axis_index_groups[0])
+  try:
+    return int(lax.axis_size(axis_name))
+  except Exception:  # axis not bound here: the collective below raises JAX's own error  # noqa: BLE001
+    return 1
+
+
+def _stats_dtype(x, stats_dtype) -> Any:
+  """At least float32 (float64 inputs keep float64)."""
+  if stats_dtype is not None:
+    return jnp.dtype(stats_dtype)
+  return jnp.promote_types(jnp.result_type(x), jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouping (ghost batches) and moments
+# ----------------------------------------------------------------------------------------------
+
+
+def _group(x, axes: tuple[int, ...], ghost_batch_size):
+  """Reshapes ``(N, ...)`` to ``(N // k, k, ...)`` for ghost batches; returns (xg, reduce axes).
+
+  Without ghost batches it returns ``x`` and ``axes`` unchanged. With them, axis 0 of the result
+  indexes the groups (never reduced) and every original axis ``a`` moves to ``a + 1``.
+  """
+  if ghost_batch_size is None:
+    return x, axes
+  shape = jnp.shape(x)
+  xg = jnp.reshape(x, (shape[0] // ghost_batch_size, ghost_batch_size) + tuple(shape[1:]))
+  return xg, tuple(a + 1 for a in axes)
+
+
+def _moments(xg, gaxes, sdtype, axis_name, axis_index_groups, mask):
+  """Centred two-pass mean and biased variance over ``gaxes`` (keepdims), in ``sdtype``.
+
+  mu = mean(x); var = mean((x - mu)^2). With ``axis_name`` each mean is a ``lax.pmean`` of the
+  per-device means (equal per-device counts). With a ``mask`` the means are sums over the selected
+  entries divided by their count, both summed over devices, so the statistics are exact global ones
+  even when devices select different numbers of entries.
+  """
+  xs = xg.astype(sdtype)
+  if mask is None:
+    mu = jnp.mean(xs, axis=gaxes, keepdims=True)
+    if axis_name is not None:
+      mu = lax.pmean(mu, axis_name, axis_index_groups=axis_index_groups)
+    d = xs - mu
+    var = jnp.mean(d * d, axis=gaxes, keepdims=True)
+    if axis_name is not None:
+      var = lax.pmean(var, axis_name, axis_index_groups=axis_index_groups)
+    return mu, var
+
+  def total(v):
+    s = jnp.sum(v, axis=gaxes, keepdims=True)
+    if axis_name is not None:
+      s = lax.psum(s, axis_name, axis_index_groups=axis_index_groups)
+    return s
+
+  count = total(mask.astype(sdtype))
+  mu = total(jnp.where(mask, xs, 0)) / count
+  d = jnp.where(mask, xs - mu, 0)
+  var = total(d * d) / count
+  return mu, var
+
+
+def _summarize(stat_k, gaxes, ghost: bool, axis_name, axis_index_groups):
+  """Keepdims group statistics -> one statistic per feature (averaged over ghost groups)."""
+  stat = jnp.squeeze(stat_k, axis=gaxes)
+  if ghost:
+    stat = jnp.mean(stat, axis=0)
+    if axis_name is not None:
+      stat = lax.pmean(stat, axis_name, axis_index_groups=axis_index_groups)
+  return stat
+
+
+def _prepare(x, axes, ghost_batch_size, mask, axis_name, axis_index_groups, stats_dtype,
+             check_count):
+  """Shared validation and grouping of ``batch_norm`` and ``batch_statistics``."""
+  axes = _reduction_axes(x, axes)
+  shape = tuple(jnp.shape(x))
+  _check_ghost(shape, axes, ghost_batch_size)
+  _check_mask(mask, shape)
+  if axis_index_groups is not None and axis_name is None:
+    fail(_LAYER, 'axis_index_groups', 'to be used together with `axis_name`',
+         'axis_name=None')
+  ghost = ghost_batch_size is not None
+  xg, gaxes = _group(x, axes, ghost_batch_size)
+  maskg = None
+  if mask is not None:
+    maskg = jnp.broadcast_to(jnp.asarray(mask, dtype=bool), shape)
+    maskg, _ = _group(maskg, axes, ghost_batch_size)
+  # Ghost groups take their statistics on the local batch only.
+  stat_axis = None if ghost else axis_name
+  stat_groups = None if ghost else axis_index_groups
+  if check_count and mask is None:
+    count = math.prod(jnp.shape(xg)[a] for a in gaxes) * _axis_size(stat_axis, stat_groups)
+    if count < 2:
+      what = f'ghost batches of {ghost_batch_size}' if ghost else f'x.shape {shape}'
+      fail(_LAYER, 'x', 'at least 2 values per channel to take training-mode statistics over '
+           f'(axes {axes}); the biased variance of one value is 0', f'1 value per channel '
+           f'with {what} (use the running averages, i.e. eval mode, for single examples)')
+  sdtype = _stats_dtype(x, stats_dtype)
+  return axes, shape, ghost, xg, gaxes, maskg, stat_axis, stat_groups, sdtype
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed-form backward
+# ----------------------------------------------------------------------------------------------
+
+
+def _standardize_closed_form(gaxes, epsilon, axis_name, axis_index_groups, x_dtype):
+  """Returns ``f(x, mu, var) = (x - mu) / sqrt(var + eps)`` with the closed-form backward.
+
+  ``mu`` and ``var`` must be the batch statistics of ``x`` over ``gaxes`` (keepdims): the
+  backward's ``dL/dx`` already accounts for their dependence on ``x``, so the cotangents this
+  rule returns for ``mu`` and ``var`` are zero (callers must not differentiate them again through
+  this function; ``batch_norm`` passes them through ``lax.stop_gradient``). Hyperparameters are
+  closed-over Python values.
+  """
+
+  @jax.custom_vjp
+  def standardize(x, mu, var):
+    return (x.astype(mu.dtype) - mu) * lax.rsqrt(var + epsilon)
+
+  def fwd(x, mu, var):
+    inv_std = lax.rsqrt(var + epsilon)
+    x_hat = (x.astype(mu.dtype) - mu) * inv_std
+    # Residuals: x_hat (activation-sized) and inv_std (per channel); mu, var give zero cotangents.
+    return x_hat, (x_hat, inv_std, mu, var)
+
+  def bwd(res, g):
+    x_hat, inv_std, mu, var = res
+    g = g.astype(x_hat.dtype)
+    # mean_B(g) and mean_B(g * x_hat), global across devices when axis_name is given.
+    terms = jnp.stack([jnp.mean(g, axis=gaxes, keepdims=True),
+                       jnp.mean(g * x_hat, axis=gaxes, keepdims=True)])
+    if axis_name is not None:
+      terms = lax.pmean(terms, axis_name, axis_index_groups=axis_index_groups)
+    dx = inv_std * (g - terms[0] - x_hat * terms[1])
+    return dx.astype(x_dtype), jnp.zeros_like(mu), jnp.zeros_like(var)
+
+  standardize.defvjp(fwd, bwd)
+  return standardize
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def batch_statistics(
+    x,
+    *,
+    axes: Axes = None,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+    ghost_batch_size: int | None = None,
+    mask=None,
+    stats_dtype=None,
+    check_count: bool = True,
+):
+  """Batch mean and biased variance per feature (centred two-pass, at least float32).
+
+  Args:
+    x: input array, batch axis first (e.g. NHWC or NC), floating dtype.
+    axes: reduction axes (default: every axis but the last).
+    axis_name: ``shard_map`` / ``pmap`` axis to average the statistics over (``lax.pmean``).
+      Not needed under ``jit`` with a sharded batch.
+    axis_index_groups: device groups within ``axis_name`` (see ``jax.lax.psum``).
+    ghost_batch_size: if given, statistics per group of this many consecutive examples along
+      axis 0, then averaged over groups (see the module docstring).
+    mask: optional boolean array broadcastable to ``x``: only ``True`` entries enter the
+      statistics. An all-False channel gives NaN (0/0), as in Flax.
+    stats_dtype: dtype of the statistics (default: ``promote_types(x.dtype, float32)``).
+    check_count: raise if a channel's statistics would be taken over a single value (its
+      variance would silently be 0). Flax modules pass ``False`` while initializing.
+
+  Returns:
+    ``(mean, var)``, each of shape ``x.shape`` without the reduction axes, in ``stats_dtype``.
+
+  Raises:
+    TypeError / ValueError: non-floating ``x``, rank < 2, bad axes, a ``ghost_batch_size`` that
+      does not divide the batch, a single value per channel.
+
+  References:
+    Ioffe & Szegedy (2015); papers.md §0 (biased batch statistics); De & Smith (2020) for ghost
+    batches.
+  """
+  _, _, ghost, xg, gaxes, maskg, stat_axis, stat_groups, sdtype = _prepare(
+      x, axes, ghost_batch_size, mask, axis_name, axis_index_groups, stats_dtype, check_count)
+  mu_k, var_k = _moments(xg, gaxes, sdtype, stat_axis, stat_groups, maskg)
+  return (_summarize(mu_k, gaxes, ghost, axis_name, axis_index_groups),
+          _summarize(var_k, gaxes, ghost, axis_name, axis_index_groups))
+
+
+def normalize(
+    x,
+    mean,
+    var,
+    scale=None,
+    bias=None,
+    *,
+    axes: Axes = None,
+    epsilon: float = 1e-5,
+    dtype=None,
+):
+  """Eval-mode batch normalization: ``(x - mean) * (scale / sqrt(var + eps)) + bias``.
+
+  Computed in ``promote_types(x.dtype, mean.dtype)`` (float32 for bf16 inputs and float32
+  statistics), in the same order of operations as ``flax.linen.BatchNorm``, and plain autodiff.
+
+  Args:
+    x: input array, floating dtype.
+    mean: per-feature mean, shape ``x.shape`` without ``axes``.
+    var: per-feature (biased) variance, same shape as ``mean``.
+    scale: optional per-feature gamma (same shape as ``mean``).
+    bias: optional per-feature beta (same shape as ``mean``).
+    axes: the reduction axes ``mean`` and ``var`` were taken over (default: all but the last).
+    epsilon: added to ``var`` inside the square root.
+    dtype: output dtype (default: ``x.dtype``).
+
+  Returns:
+    The normalized array, shape of ``x``, dtype ``dtype``.
+
+  References:
+    Ioffe & Szegedy (2015), Algorithm 2 (inference with population statistics); papers.md §0.
+  """
+  axes = _reduction_axes(x, axes)
+  check_positive(_LAYER, 'epsilon', epsilon, allow_zero=True)
+  fshape = _feature_shape(jnp.shape(x), axes)
+  for arg, p in (('mean', mean), ('var', var)):
+    _check_param(arg, p, fshape)
+  _check_param('scale', scale, fshape)
+  _check_param('bias', bias, fshape)
+  out_dtype = jnp.result_type(x) if dtype is None else dtype
+  cdtype = jnp.promote_types(jnp.result_type(x), jnp.result_type(mean))
+  mean = jnp.expand_dims(mean, axes)
+  var = jnp.expand_dims(var, axes)
+  mul = lax.rsqrt(var.astype(cdtype) + epsilon)
+  if scale is not None:
+    mul = mul * jnp.expand_dims(scale, axes)
+  y = (x.astype(cdtype) - mean) * mul
+  if bias is not None:
+    y = y + jnp.expand_dims(bias, axes)
+  return y.astype(out_dtype)
+
+
+def batch_norm(
+    x,
+    scale=None,
+    bias=None,
+    *,
+    axes: Axes = None,
+    epsilon: float = 1e-5,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+    ghost_batch_size: int | None = None,
+    mask=None,
+    closed_form_backward: bool = True,
+    dtype=None,
+    stats_dtype=None,
+    check_count: bool = True,
+):
+  """Training-mode batch normalization; returns the output and the batch statistics.
+
+  ``y = scale * (x - mu_B) / sqrt(var_B + epsilon) + bias`` with ``mu_B``, ``var_B`` the biased
+  batch statistics over ``axes`` (per ghost group if ``ghost_batch_size``), computed in
+  ``stats_dtype`` (at least float32) with the centred two-pass variance.
+
+  Args:
+    x: input array, batch axis first (NHWC, NC, ...), floating dtype.
+    scale: optional gamma, shape ``x.shape`` without ``axes`` (e.g. ``(C,)``).
+    bias: optional beta, same shape as ``scale``.
+    axes: reduction axes (default: every axis but the last).
+    epsilon: added to the variance inside the square root (>= 0).
+    axis_name: ``shard_map`` / ``pmap`` axis over which statistics (and the backward's two
+      ``mean_B`` terms) are averaged. Not needed under ``jit`` with a sharded batch.
+    axis_index_groups: device groups within ``axis_name`` (see ``jax.lax.psum``).
+    ghost_batch_size: statistics per group of this many consecutive examples along axis 0; must
+      divide ``x.shape[0]``. Works under plain ``jit``.
+    mask: optional boolean array broadcastable to ``x``; only ``True`` entries enter the
+      statistics (all entries are normalized). With a mask the backward is plain autodiff.
+    closed_form_backward: use the closed-form ``jax.custom_vjp`` backward (papers.md §0). It rules
+      out forward-mode AD (``jax.jvp``, ``jax.jacfwd``); pass ``False`` for plain autodiff.
+    dtype: output dtype (default: ``x.dtype``; bf16 in gives bf16 out).
+    stats_dtype: dtype of the statistics (default: ``promote_types(x.dtype, float32)``).
+    check_count: raise if a channel's statistics would be taken over a single value.
+
+  Returns:
+    ``(y, mean, var)``: ``y`` of the shape of ``x`` in ``dtype``; ``mean`` and ``var`` of shape
+    ``x.shape`` without ``axes`` in ``stats_dtype`` (averaged over ghost groups), differentiable,
+    ready for a running average.
+
+  Raises:
+    TypeError / ValueError: non-floating input or parameters, rank < 2, bad axes, parameter
+      shapes, a ``ghost_batch_size`` that does not divide the batch, a single value per channel.
+
+  References:
+    Ioffe & Szegedy (2015); papers.md §0 (closed-form backward); De & Smith (2020), papers.md §3
+    (ghost batch normalization).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3)) * 3 + 1
+    >>> y, mean, var = batch_norm(x, jnp.ones(3), jnp.zeros(3))
+    >>> bool(jnp.allclose(y.mean((0, 1, 2)), 0, atol=1e-5)), mean.shape
+    (True, (3,))
+  """
+  axes, shape, ghost, xg, gaxes, maskg, stat_axis, stat_groups, sdtype = _prepare(
+      x, axes, ghost_batch_size, mask, axis_name, axis_index_groups, stats_dtype, check_count)
+  check_positive(_LAYER, 'epsilon', epsilon, allow_zero=True)
+  fshape = _feature_shape(shape, axes)
+  _check_param('scale', scale, fshape)
+  _check_param('bias', bias, fshape)
+  out_dtype = jnp.result_type(x) if dtype is None else dtype
+
+  mu_k, var_k = _moments(xg, gaxes, sdtype, stat_axis, stat_groups, maskg)
+  # Parameters broadcast against the grouped array: 1 on reduced axes and on the group axis.
+  pshape = tuple(1 if (a in gaxes or (ghost and a == 0)) else d
+                 for a, d in enumerate(jnp.shape(xg)))
+  if closed_form_backward and mask is None:
+    standardize = _standardize_closed_form(gaxes, epsilon, stat_axis, stat_groups, xg.dtype)
+    y = standardize(xg, lax.stop_gradient(mu_k), lax.stop_gradient(var_k))
+    if scale is not None:
+      y = y * jnp.reshape(scale, pshape)
+  else:
+    # Direct formula, differentiated by autodiff (same operation order as flax.linen.BatchNorm).
+    mul = lax.rsqrt(var_k + epsilon)
+    if scale is not None:
+      mul = mul * jnp.reshape(scale, pshape)
+    y = (xg.astype(sdtype) - mu_k) * mul
+  if bias is not None:
+    y = y + jnp.reshape(bias, pshape)
+  y = jnp.reshape(y, shape).astype(out_dtype)
+  return (y, _summarize(mu_k, gaxes, ghost, axis_name, axis_index_groups),
+          _summarize(var_k, gaxes, ghost, axis_name, axis_index_groups))

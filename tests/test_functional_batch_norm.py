@@ -1,0 +1,361 @@
+"""Tests of jaxnorm.functional.batch_norm against numpy and autodiff of the direct formula.
+
+The claims (papers.md §0): biased batch statistics, stable in float32 under a large offset; the
+closed-form backward equals autodiff of the direct formula; the backward's exact identities
+(zero mean, orthogonality to x-hat, the variance formula); ghost batches; multi-device statistics.
+"""
+
+from __future__ import annotations
+
+import chex
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxnorm.functional.batch_norm import batch_norm, batch_statistics, normalize
+
+# (shape, reduction axes): NHWC, NC and NCHW layouts.
+LAYOUTS = {
+    'nhwc': ((8, 3, 2, 4), (0, 1, 2)),
+    'nc': ((12, 5), (0,)),
+    'nchw': ((4, 3, 2, 2), (0, 2, 3)),
+}
+
+
+def _np_stats(x, axes, ghost=None):
+  """Reference biased statistics in float64, per ghost group then averaged over groups."""
+  x = np.asarray(x, np.float64)
+  if ghost is None:
+    return x.mean(axes), x.var(axes)
+  groups = np.split(x, x.shape[0] // ghost, axis=0)
+  return (np.mean([g.mean(axes) for g in groups], 0), np.mean([g.var(axes) for g in groups], 0))
+
+
+def _np_batch_norm(x, scale, bias, axes, eps, ghost=None):
+  x = np.asarray(x, np.float64)
+  fshape = [1 if a in axes else d for a, d in enumerate(x.shape)]
+  n = x.shape[0] if ghost is None else ghost
+  out = []
+  for g in np.split(x, x.shape[0] // n, axis=0):
+    xhat = (g - g.mean(axes, keepdims=True)) / np.sqrt(g.var(axes, keepdims=True) + eps)
+    out.append(xhat * np.reshape(scale, fshape) + np.reshape(bias, fshape))
+  return np.concatenate(out, 0)
+
+
+def _direct_batch_norm(x, scale, bias, axes, eps, ghost=None):
+  """The direct formula in jnp (E over the batch, biased), for jax.grad to differentiate."""
+  n = x.shape[0] if ghost is None else ghost
+  xg = x.reshape((x.shape[0] // n, n) + x.shape[1:])
+  gaxes = tuple(a + 1 for a in axes)
+  mu = xg.mean(gaxes, keepdims=True)
+  var = ((xg - mu) ** 2).mean(gaxes, keepdims=True)
+  pshape = [1 if (a in gaxes or a == 0) else d for a, d in enumerate(xg.shape)]
+  y = (xg - mu) / jnp.sqrt(var + eps) * scale.reshape(pshape) + bias.reshape(pshape)
+  mean_out = jnp.squeeze(mu, gaxes).mean(0)
+  var_out = jnp.squeeze(var, gaxes).mean(0)
+  return y.reshape(x.shape), mean_out, var_out
+
+
+def _inputs(shape, axes, dtype=jnp.float32, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  fshape = tuple(d for a, d in enumerate(shape) if a not in axes)
+  x = (3.0 * jax.random.normal(ks[0], shape) + 2.0).astype(dtype)
+  scale = (1.0 + 0.5 * jax.random.normal(ks[1], fshape)).astype(dtype)
+  bias = jax.random.normal(ks[2], fshape).astype(dtype)
+  w = jax.random.normal(ks[3], shape).astype(dtype)
+  return x, scale, bias, w
+
+
+def _loss(fn, w):
+  """A loss that uses the output non-linearly and the returned statistics too."""
+
+  def loss(x, scale, bias):
+    y, mean, var = fn(x, scale, bias)
+    return jnp.sum(jnp.sin(y) * w) + jnp.sum(mean**2) + jnp.sum(jnp.sqrt(var))
+
+  return loss
+
+
+class BatchNormForwardTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(layout=tuple(LAYOUTS), ghost=(None, 2))
+  def test_output_and_statistics_match_numpy(self, layout, ghost):
+    shape, axes = LAYOUTS[layout]
+    x, scale, bias, _ = _inputs(shape, axes)
+    fn = self.variant(lambda x, s, b: batch_norm(x, s, b, axes=axes, ghost_batch_size=ghost))
+    y, mean, var = fn(x, scale, bias)
+    ref_mean, ref_var = _np_stats(x, axes, ghost)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-5)
+    np.testing.assert_allclose(y, _np_batch_norm(x, scale, bias, axes, 1e-5, ghost),
+                               rtol=1e-5, atol=1e-5)
+    self.assertEqual(mean.dtype, jnp.float32)
+    stats = self.variant(lambda x: batch_statistics(x, axes=axes, ghost_batch_size=ghost))(x)
+    np.testing.assert_allclose(stats[0], mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stats[1], var, rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_eval_normalize_matches_numpy(self):
+    shape, axes = LAYOUTS['nhwc']
+    x, scale, bias, _ = _inputs(shape, axes)
+    mean, var = jnp.array([0.5, -1.0, 2.0, 0.0]), jnp.array([1.0, 4.0, 0.25, 9.0])
+    y = self.variant(lambda *a: normalize(*a, epsilon=1e-3))(x, mean, var, scale, bias)
+    ref = (np.asarray(x, np.float64) - mean) / np.sqrt(np.asarray(var) + 1e-3) * scale + bias
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_large_common_offset_keeps_exact_statistics(self):
+    # float32 inputs 1e4 + N(0, 1): the centred two-pass variance stays exact, E[x^2]-E[x]^2 not.
+    x = 1e4 + jax.random.normal(jax.random.key(1), (64, 4, 4, 3))
+    y, mean, var = self.variant(batch_norm)(x)
+    ref_mean, ref_var = _np_stats(x, (0, 1, 2))
+    np.testing.assert_allclose(mean, ref_mean, rtol=3e-7)  # ~2 float32 ulps at 1e4
+    np.testing.assert_allclose(var, ref_var, rtol=1e-4)
+    self.assertTrue(bool(jnp.all(jnp.isfinite(y))))
+    np.testing.assert_allclose(np.var(np.asarray(y, np.float64), (0, 1, 2)),
+                               ref_var / (ref_var + 1e-5), rtol=1e-4)
+    # Contrast: the one-pass formula in float32 is off by far more than the tolerance above.
+    naive = jnp.mean(x * x, (0, 1, 2)) - jnp.mean(x, (0, 1, 2)) ** 2
+    self.assertGreater(float(jnp.max(jnp.abs(naive - ref_var) / ref_var)), 1e-2)
+
+  def test_bf16_in_bf16_out_with_float32_statistics(self):
+    shape, axes = LAYOUTS['nhwc']
+    x, scale, bias, _ = _inputs(shape, axes, dtype=jnp.bfloat16)
+    y, mean, var = jax.jit(batch_norm)(x, scale, bias)
+    self.assertEqual(y.dtype, jnp.bfloat16)
+    self.assertEqual((mean.dtype, var.dtype), (jnp.float32, jnp.float32))
+    ref_mean, ref_var = _np_stats(np.asarray(x, np.float32), axes)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-5)
+    ref = _np_batch_norm(np.asarray(x, np.float32), np.asarray(scale, np.float32),
+                         np.asarray(bias, np.float32), axes, 1e-5)
+    np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2e-2, atol=2e-2)
+
+  def test_mask_statistics_equal_statistics_of_selected_examples(self):
+    shape, axes = LAYOUTS['nc']
+    x, scale, bias, _ = _inputs(shape, axes)
+    keep = np.arange(shape[0]) % 3 != 0
+    y, mean, var = batch_norm(x, scale, bias, mask=keep[:, None])
+    ref_mean, ref_var = _np_stats(x[keep], axes)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-5)
+    ref = (np.asarray(x, np.float64) - ref_mean) / np.sqrt(ref_var + 1e-5) * scale + bias
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+class ClosedFormBackwardTest(parameterized.TestCase):
+  """dL/dx = gamma/sqrt(var+eps) (g - mean_B g - x_hat mean_B(g x_hat)) equals autodiff."""
+
+  @parameterized.product(layout=tuple(LAYOUTS), ghost=(None, 2), x64=(False, True))
+  def test_closed_form_equals_autodiff_of_direct_formula(self, layout, ghost, x64):
+    shape, axes = LAYOUTS[layout]
+    with jax.enable_x64(x64):
+      dtype = jnp.float64 if x64 else jnp.float32
+      x, scale, bias, w = _inputs(shape, axes, dtype)
+      ours = _loss(lambda *a: batch_norm(*a, axes=axes, ghost_batch_size=ghost), w)
+      ref = _loss(lambda *a: _direct_batch_norm(*a, axes, 1e-5, ghost), w)
+      g_ours = jax.jit(jax.grad(ours, (0, 1, 2)))(x, scale, bias)
+      g_ref = jax.jit(jax.grad(ref, (0, 1, 2)))(x, scale, bias)
+      tol = 1e-11 if x64 else 2e-5
+      for a, b in zip(g_ours, g_ref, strict=True):
+        self.assertEqual(a.dtype, dtype)
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+  def test_autodiff_path_equals_closed_form(self):
+    shape, axes = LAYOUTS['nhwc']
+    x, scale, bias, w = _inputs(shape, axes)
+    g = [jax.grad(_loss(lambda *a, c=c: batch_norm(*a, closed_form_backward=c), w), (0, 1, 2))(
+        x, scale, bias) for c in (True, False)]
+    for a, b in zip(*g, strict=True):
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+  def test_closed_form_backward_with_bf16_input_returns_bf16_gradient(self):
+    shape, axes = LAYOUTS['nhwc']
+    x, scale, bias, w = _inputs(shape, axes, jnp.bfloat16)
+    gx = jax.grad(lambda x: jnp.sum(batch_norm(x, scale, bias)[0].astype(jnp.float32) * w))(x)
+    self.assertEqual(gx.dtype, jnp.bfloat16)
+    ref = jax.grad(lambda x: jnp.sum(_direct_batch_norm(
+        x, scale.astype(jnp.float32), bias.astype(jnp.float32), axes, 1e-5)[0] * w))(
+            x.astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(gx, np.float32), ref, rtol=5e-2, atol=5e-2)
+
+
+class BackwardIdentitiesTest(parameterized.TestCase):
+  """papers.md §0: exact consequences of the closed form, checked in float64 against numpy."""
+
+  def _grad(self, eps, layout, ghost=None):
+    shape, axes = LAYOUTS[layout]
+    with jax.enable_x64(True):
+      x, scale, bias, g = _inputs(shape, axes, jnp.float64, seed=3)
+      (y, _, _), vjp = jax.vjp(
+          lambda x: batch_norm(x, scale, bias, axes=axes, epsilon=eps, ghost_batch_size=ghost),
+          x)
+      fshape = scale.shape
+      dx = vjp((g, jnp.zeros(fshape), jnp.zeros(fshape)))[0]
+    x, g, dx, scale = (np.asarray(a, np.float64) for a in (x, g, dx, scale))
+    return x, g, dx, scale, axes
+
+  @parameterized.parameters('nhwc', 'nc')
+  def test_gradient_has_zero_batch_mean(self, layout):
+    x, _, dx, _, axes = self._grad(1e-5, layout)
+    np.testing.assert_allclose(dx.mean(axes), 0.0, atol=1e-12)
+
+  @parameterized.parameters('nhwc', 'nc')
+  def test_gradient_orthogonal_to_xhat_when_eps_is_zero(self, layout):
+    x, _, dx, _, axes = self._grad(0.0, layout)
+    xhat = (x - x.mean(axes, keepdims=True)) / x.std(axes, keepdims=True)
+    np.testing.assert_allclose((xhat * dx).mean(axes), 0.0, atol=1e-12)
+
+  @parameterized.product(layout=('nhwc', 'nc'), eps=(0.0, 1e-5, 2.0))
+  def test_gradient_variance_formula(self, layout, eps):
+    # Var_B(dx) = gamma^2/(var+eps) [Var_B(g) - Cov_B(g, xhat)^2 c], c = 2 - var/(var+eps).
+    x, g, dx, scale, axes = self._grad(eps, layout)
+    var = x.var(axes, keepdims=True)
+    xhat = (x - x.mean(axes, keepdims=True)) / np.sqrt(var + eps)
+    cov = ((g - g.mean(axes, keepdims=True)) * (xhat - xhat.mean(axes, keepdims=True))).mean(axes)
+    var, c = var.reshape(cov.shape), 2.0 - var.reshape(cov.shape) / (var.reshape(cov.shape) + eps)
+    expected = scale**2 / (var + eps) * (g.var(axes) - cov**2 * c)
+    np.testing.assert_allclose(dx.var(axes), expected, rtol=1e-10)
+
+  def test_ghost_gradient_has_zero_mean_per_group(self):
+    x, _, dx, _, axes = self._grad(1e-5, 'nc', ghost=3)
+    for group in np.split(dx, 4, axis=0):
+      np.testing.assert_allclose(group.mean(axes), 0.0, atol=1e-12)
+
+
+class AutodiffModesTest(parameterized.TestCase):
+
+  def test_forward_mode_fails_with_closed_form_and_works_without(self):
+    shape, axes = LAYOUTS['nc']
+    x, scale, bias, w = _inputs(shape, axes)
+    t = jax.random.normal(jax.random.key(7), shape)
+    f = lambda c: (lambda x: batch_norm(x, scale, bias, closed_form_backward=c)[0])
+    with pytest.raises(TypeError, match='custom_vjp'):
+      jax.jvp(f(True), (x,), (t,))
+    # <w, J t> from forward mode (autodiff path) equals <J^T w, t> from the closed form.
+    _, jt = jax.jvp(f(False), (x,), (t,))
+    jtw = jax.vjp(f(True), x)[1](w)[0]
+    np.testing.assert_allclose(jnp.vdot(w, jt), jnp.vdot(jtw, t), rtol=1e-4)
+
+  def test_hessian_through_closed_form_equals_autodiff(self):
+    shape, axes = LAYOUTS['nc']
+    x, scale, bias, w = _inputs(shape, axes)
+    h = [jax.hessian(lambda s, c=c: jnp.sum(jnp.sin(batch_norm(
+        x, s, bias, closed_form_backward=c)[0]) * w))(scale) for c in (True, False)]
+    np.testing.assert_allclose(h[0], h[1], rtol=1e-4, atol=1e-4)
+
+
+class MultiDeviceTest(parameterized.TestCase):
+
+  @parameterized.parameters(None, 2)
+  def test_shard_map_with_axis_name_equals_full_batch(self, ghost):
+    mesh = jax.make_mesh((8,), ('batch',))
+    shape, axes = (32, 2, 2, 3), (0, 1, 2)
+    x, scale, bias, w = _inputs(shape, axes)
+    fn = lambda x, s, b: batch_norm(x, s, b, axis_name='batch', ghost_batch_size=ghost)
+    sharded = jax.shard_map(fn, mesh=mesh, in_specs=(P('batch'), P(), P()),
+                            out_specs=(P('batch'), P(), P()))
+    xs = jax.device_put(x, NamedSharding(mesh, P('batch')))
+    ss, bs = (jax.device_put(a, NamedSharding(mesh, P())) for a in (scale, bias))
+    ws = jax.device_put(w, NamedSharding(mesh, P('batch')))
+    full = lambda x, s, b: batch_norm(x, s, b, ghost_batch_size=ghost)
+    for a, b in zip(jax.jit(sharded)(xs, ss, bs), full(x, scale, bias), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    g_sh = jax.jit(jax.grad(_loss(sharded, ws), (0, 1, 2)))(xs, ss, bs)
+    g_full = jax.grad(_loss(full, w), (0, 1, 2))(x, scale, bias)
+    for a, b in zip(g_sh, g_full, strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+  def test_pmap_axis_index_groups_normalize_each_group_separately(self):
+    shape, axes = (16, 3), (0,)
+    x, scale, bias, _ = _inputs(shape, axes)
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    fn = jax.pmap(lambda x: batch_norm(x, scale, bias, axis_name='d',
+                                       axis_index_groups=groups)[0], axis_name='d')
+    y = fn(x.reshape(8, 2, 3)).reshape(shape)
+    for half in (slice(0, 8), slice(8, 16)):
+      np.testing.assert_allclose(y[half], _np_batch_norm(x[half], scale, bias, axes, 1e-5),
+                                 rtol=1e-5, atol=1e-5)
+
+  def test_jit_with_sharded_batch_needs_no_axis_name(self):
+    mesh = jax.make_mesh((8,), ('batch',))
+    shape, axes = (16, 2, 2, 3), (0, 1, 2)
+    x, scale, bias, w = _inputs(shape, axes)
+    xs = jax.device_put(x, NamedSharding(mesh, P('batch')))
+    ws = jax.device_put(w, NamedSharding(mesh, P('batch')))
+    g_sh = jax.jit(jax.grad(_loss(batch_norm, ws), (0, 1, 2)))(xs, scale, bias)
+    g_full = jax.grad(_loss(batch_norm, w), (0, 1, 2))(x, scale, bias)
+    for a, b in zip(g_sh, g_full, strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+class BadInputTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('rank_1', dict(x=np.ones(4, np.float32)), ValueError, 'rank >= 2'),
+      ('integer_dtype', dict(x=np.ones((4, 3), np.int32)), TypeError, 'floating-point'),
+      ('ghost_not_dividing', dict(x=np.ones((12, 3), np.float32), ghost_batch_size=5),
+       ValueError, 'divisor of the batch size 12'),
+      ('ghost_not_int', dict(x=np.ones((12, 3), np.float32), ghost_batch_size=2.0),
+       TypeError, 'ghost_batch_size'),
+      ('single_value_per_channel', dict(x=np.ones((1, 3), np.float32)), ValueError,
+       'at least 2 values per channel'),
+      ('ghost_of_one', dict(x=np.ones((4, 3), np.float32), ghost_batch_size=1), ValueError,
+       'at least 2 values per channel'),
+      ('axis_out_of_range', dict(x=np.ones((4, 3), np.float32), axes=(0, 2)), ValueError,
+       '`axes`'),
+      ('repeated_axes', dict(x=np.ones((4, 3), np.float32), axes=(0, -2)), ValueError,
+       'distinct axes'),
+      ('no_axes', dict(x=np.ones((4, 3), np.float32), axes=()), ValueError,
+       'at least one reduction axis'),
+      ('scale_shape', dict(x=np.ones((4, 3), np.float32), scale=np.ones(4, np.float32)),
+       ValueError, r'`scale` expected shape \(3,\)'),
+      ('mask_shape', dict(x=np.ones((4, 3), np.float32), mask=np.ones((5, 1), bool)),
+       ValueError, '`mask`'),
+      ('negative_epsilon', dict(x=np.ones((4, 3), np.float32), epsilon=-1.0), ValueError,
+       '`epsilon`'),
+      ('groups_without_axis_name', dict(x=np.ones((4, 3), np.float32),
+                                         axis_index_groups=[[0]]), ValueError,
+       '`axis_index_groups`'),
+  )
+  def test_bad_input_raises_naming_the_argument(self, kwargs, exc, match):
+    with pytest.raises(exc, match=match) as info:
+      batch_norm(**kwargs)
+    assert str(info.value).startswith('batch_norm: argument `')
+
+  def test_single_value_check_can_be_disabled_for_initialization(self):
+    y, _, var = batch_norm(np.ones((1, 3), np.float32), check_count=False)
+    np.testing.assert_array_equal(var, 0.0)
+    self.assertTrue(bool(jnp.all(jnp.isfinite(y))))
+
+
+@hypothesis.settings(max_examples=12, deadline=None)
+@hypothesis.given(
+    n_groups=st.integers(1, 3), ghost=st.sampled_from([None, 2, 3]),
+    spatial=st.sampled_from([(), (2,), (2, 3)]), channels=st.integers(1, 3),
+    dtype=st.sampled_from(['float32', 'bfloat16']), seed=st.integers(0, 2**16))
+def test_property_each_group_is_standardized(n_groups, ghost, spatial, channels, dtype, seed):
+  """Per channel (and ghost group), y has mean 0 and variance var/(var+eps) (numpy reference)."""
+  n = n_groups * (ghost or 4)
+  shape = (n, *spatial, channels)
+  axes = tuple(range(len(shape) - 1))
+  x = (2.0 * jax.random.normal(jax.random.key(seed), shape) - 1.0).astype(dtype)
+  y, mean, var = batch_norm(x, ghost_batch_size=ghost)
+  assert y.dtype == jnp.dtype(dtype) and mean.dtype == jnp.float32 and var.dtype == jnp.float32
+  ref_mean, ref_var = _np_stats(np.asarray(x, np.float32), axes, ghost)
+  np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(var, ref_var, rtol=1e-5)
+  tol = 1e-5 if dtype == 'float32' else 2e-2
+  size = ghost or n
+  xs = np.split(np.asarray(x, np.float64), n // size, axis=0)
+  for yg, xg in zip(np.split(np.asarray(y, np.float64), n // size, axis=0), xs, strict=True):
+    np.testing.assert_allclose(yg.mean(axes), 0.0, atol=4 * tol)
+    v = xg.var(axes)
+    np.testing.assert_allclose(yg.var(axes), v / (v + 1e-5), rtol=4 * tol, atol=4 * tol)
