@@ -1,0 +1,60 @@
+"""Trains a model from an ml_collections config.
+
+Usage::
+
+  python experiments/train.py --config=experiments/configs/quickstart.py:smoke \
+      --workdir=/tmp/jaxnorm/quickstart [--config.total_steps=60 ...]
+
+Running again with the same ``--workdir`` resumes from its newest usable checkpoint. On several
+hosts, start the same command on every host; it calls ``jax.distributed.initialize()`` first when
+``--multihost`` is set (arguments come from the environment on Cloud TPU, or from
+``--coordinator_address``, ``--num_processes`` and ``--process_id``).
+
+Exit status: 0 done; 1 invalid config value or missing data set (one-line message, no
+traceback); 3 the loss became non-finite (the message names the step and the last good
+checkpoint; the divergence is recorded in ``metrics.jsonl``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file (path[:arg]).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (metrics, checkpoints).')
+_MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of hosts.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This host.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  import jax
+
+  if _MULTIHOST.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+  from jaxnorm.training import ConfigError, DatasetNotFoundError, NonFiniteLossError, train
+
+  try:
+    summary = train(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, DatasetNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  except NonFiniteLossError as e:
+    print(f'stopped: {e}', file=sys.stderr)
+    return 3
+  keys = ('step', 'train_loss', 'train_accuracy', 'eval_loss', 'eval_accuracy',
+          'examples_per_second')
+  print('final: ' + ', '.join(f'{k}={summary[k]:.4g}' if isinstance(summary.get(k), float)
+                              else f'{k}={summary.get(k)}' for k in keys), flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  app.run(main)

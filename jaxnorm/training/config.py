@@ -1,0 +1,159 @@
+"""The training config (``ml_collections.ConfigDict``): defaults and validation.
+
+Study configs start from :func:`default_config` and change fields. :func:`validate_config` checks
+every field before anything is built and raises :class:`ConfigError`, whose one-line message names
+the field, what was expected and what was given; the launcher prints it and exits non-zero.
+
+Fields (defaults in :func:`default_config`):
+
+- ``dataset`` (one of ``jaxnorm.training.data.DATASETS``), ``data_dir``, ``image_size``,
+  ``augment``; ``synthetic.{shape, num_classes, num_examples}`` for the Gaussian source.
+- ``model.name``: a factory in ``jaxnorm.models`` (e.g. ``'cifar_resnet'``); every other
+  ``model.*`` field is passed to it as a keyword argument, plus ``num_classes``.
+- ``batch_size`` (global), ``eval_batch_size``, ``total_steps``, ``seed``.
+- ``optimizer.{name, learning_rate, momentum, nesterov, weight_decay, b1, b2, eps, agc_clip}``.
+- ``schedule.{name, warmup_steps, step_boundaries, step_decay}``.
+- ``label_smoothing``, ``compute_dtype`` (``'float32'`` or ``'bfloat16'``).
+- ``log_every``, ``eval_every`` (0: only at the end), ``checkpoint_every``, ``keep_checkpoints``,
+  ``async_checkpoints``, ``progress_bar``.
+
+References:
+  big_vision / scenic config conventions (``get_config(arg)``), ml_collections.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxnorm.training.data import DATASETS
+from jaxnorm.training.optim import OPTIMIZERS, SCHEDULES
+
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+
+
+class ConfigError(ValueError):
+  """An invalid config value; the message names the field."""
+
+  def __init__(self, field: str, expected: str, got):
+    self.field = field
+    super().__init__(f'config.{field}: expected {expected}, got {got!r}.')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The default training config (a small ResNet on the embedded digits set)."""
+  c = ml_collections.ConfigDict()
+  c.dataset = 'digits'
+  c.data_dir = ''  # '' = TFDS default (TFDS_DATA_DIR or ~/tensorflow_datasets).
+  c.image_size = 224  # ImageNet only.
+  c.augment = True
+  c.synthetic = ml_collections.ConfigDict(
+      {'shape': (8, 8, 1), 'num_classes': 10, 'num_examples': 1024})
+
+  c.model = ml_collections.ConfigDict(
+      {'name': 'cifar_resnet', 'depth': 8, 'norm': 'batch_norm', 'skip_init': False})
+
+  c.seed = 0
+  c.batch_size = 128
+  c.eval_batch_size = 256
+  c.total_steps = 1000
+
+  c.optimizer = ml_collections.ConfigDict({
+      'name': 'sgd', 'learning_rate': 0.1, 'momentum': 0.9, 'nesterov': False,
+      'weight_decay': 5e-4, 'b1': 0.9, 'b2': 0.999, 'eps': 1e-8, 'agc_clip': 0.0})
+  c.schedule = ml_collections.ConfigDict({
+      'name': 'cosine', 'warmup_steps': 0, 'step_boundaries': (0.5, 0.75), 'step_decay': 0.1})
+  c.label_smoothing = 0.0
+  c.compute_dtype = 'float32'
+
+  c.log_every = 10
+  c.eval_every = 0
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.async_checkpoints = False
+  c.progress_bar = True
+  return c
+
+
+def _int(c, field, *, minimum=1):
+  value = _get(c, field)
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ConfigError(field, f'an integer >= {minimum}', value)
+
+
+def _num(c, field, lo, hi, *, lo_open=False, hi_open=False):
+  value = _get(c, field)
+  ok = isinstance(value, int | float) and not isinstance(value, bool)
+  if ok:
+    ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+  if not ok:
+    interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    raise ConfigError(field, f'a number in {interval}', value)
+
+
+def _choice(c, field, choices):
+  value = _get(c, field)
+  if value not in choices:
+    raise ConfigError(field, 'one of ' + ', '.join(repr(x) for x in choices), value)
+
+
+def _get(c, field):
+  value = c
+  for part in field.split('.'):
+    if part not in value:
+      raise ConfigError(field, 'a value (the field is missing)', None)
+    value = value[part]
+  return value
+
+
+def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Checks every field; raises :class:`ConfigError` naming the first bad one.
+
+  Args:
+    c: the config.
+    num_devices: if given, ``batch_size`` and ``eval_batch_size`` must be multiples of it.
+  """
+  _choice(c, 'dataset', DATASETS)
+  _int(c, 'image_size')
+  _int(c, 'batch_size')
+  _int(c, 'eval_batch_size')
+  _int(c, 'total_steps')
+  _int(c, 'seed', minimum=0)
+  _int(c, 'log_every')
+  _int(c, 'eval_every', minimum=0)
+  _int(c, 'checkpoint_every')
+  _int(c, 'keep_checkpoints', minimum=2)
+  _int(c, 'synthetic.num_classes', minimum=2)
+  _int(c, 'synthetic.num_examples')
+  shape = _get(c, 'synthetic.shape')
+  if len(shape) != 3 or any(not isinstance(s, int) or s < 1 for s in shape):
+    raise ConfigError('synthetic.shape', 'three positive integers (H, W, C)', shape)
+  if not isinstance(_get(c, 'model.name'), str) or not c.model.name:
+    raise ConfigError('model.name', 'the name of a model factory in jaxnorm.models',
+                      c.model.name)
+  _choice(c, 'optimizer.name', OPTIMIZERS)
+  _num(c, 'optimizer.learning_rate', 0, float('inf'), lo_open=True, hi_open=True)
+  _num(c, 'optimizer.momentum', 0, 1, hi_open=True)
+  _num(c, 'optimizer.weight_decay', 0, float('inf'), hi_open=True)
+  _num(c, 'optimizer.b1', 0, 1, hi_open=True)
+  _num(c, 'optimizer.b2', 0, 1, hi_open=True)
+  _num(c, 'optimizer.eps', 0, float('inf'), hi_open=True)
+  _num(c, 'optimizer.agc_clip', 0, float('inf'), hi_open=True)
+  if c.optimizer.nesterov and c.optimizer.momentum == 0:
+    raise ConfigError('optimizer.nesterov', 'False when optimizer.momentum is 0', True)
+  _choice(c, 'schedule.name', SCHEDULES)
+  _int(c, 'schedule.warmup_steps', minimum=0)
+  if c.schedule.warmup_steps >= c.total_steps:
+    raise ConfigError('schedule.warmup_steps', f'fewer than total_steps={c.total_steps}',
+                      c.schedule.warmup_steps)
+  for f in _get(c, 'schedule.step_boundaries'):
+    if not 0 < f < 1:
+      raise ConfigError('schedule.step_boundaries', 'fractions of training in (0, 1)',
+                        tuple(c.schedule.step_boundaries))
+  _num(c, 'schedule.step_decay', 0, 1, lo_open=True)
+  _num(c, 'label_smoothing', 0, 1, hi_open=True)
+  _choice(c, 'compute_dtype', COMPUTE_DTYPES)
+  if num_devices is not None:
+    for field in ('batch_size', 'eval_batch_size'):
+      if _get(c, field) % num_devices:
+        raise ConfigError(field, f'a multiple of the number of devices ({num_devices})',
+                          _get(c, field))

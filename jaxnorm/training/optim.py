@@ -1,0 +1,134 @@
+"""Optimizers and learning-rate schedules built from a config.
+
+- ``sgd``: heavy-ball momentum or Nesterov; weight decay is coupled L2 (``g + wd * w`` before the
+  momentum buffer), as in the ResNet recipes of the papers.
+- ``adam``: AdamW (decoupled weight decay, ``w <- w - lr * (adam(g) + wd * w)``).
+- Weight decay never touches gains, biases, SkipInit alphas or normalization parameters: the mask
+  comes from ``jaxnorm.models.decay_mask`` when it exists, else from :func:`default_decay_mask`
+  (decay only the kernels of convolutions and dense layers).
+- Optional adaptive gradient clipping (``optax.adaptive_grad_clip``, unit-wise ratio
+  ``||g|| / max(||w||, 1e-3) <= clip``), applied to the raw gradient first.
+- Schedules: linear warmup, then cosine decay to 0, step decay (multiply by ``step_decay`` at the
+  given fractions of training), or constant.
+
+References:
+  Loshchilov & Hutter 2019 (AdamW, cosine schedules); Goyal et al. 2017 (linear warmup, step
+  decay); Brock et al. 2021, "High-Performance Large-Scale Image Recognition Without
+  Normalization" (adaptive gradient clipping); Szegedy et al. 2016 (label smoothing, in steps.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import optax
+
+from jaxnorm.functional._checks import check_choice
+
+OPTIMIZERS = ('sgd', 'adam')
+SCHEDULES = ('cosine', 'step', 'constant')
+
+
+def default_decay_mask(params):
+  """True for leaves named ``kernel`` (conv / dense weights), False for everything else.
+
+  Used only where ``jaxnorm.models.decay_mask`` is unavailable.
+
+  Args:
+    params: a parameter pytree (nested dicts).
+
+  Returns:
+    A pytree of bools with the structure of ``params``.
+  """
+  def is_kernel(path, _):
+    last = path[-1]
+    return getattr(last, 'key', getattr(last, 'name', None)) == 'kernel'
+
+  return jax.tree_util.tree_map_with_path(is_kernel, params)
+
+
+def decay_mask_fn():
+  """The decay mask function: ``jaxnorm.models.decay_mask`` if present, else the default."""
+  try:
+    from jaxnorm.models import decay_mask
+  except ImportError:
+    return default_decay_mask
+  return decay_mask
+
+
+def make_schedule(learning_rate: float, total_steps: int, *, schedule: str = 'cosine',
+                  warmup_steps: int = 0, step_boundaries: Sequence[float] = (0.5, 0.75),
+                  step_decay: float = 0.1) -> optax.Schedule:
+  """Learning rate as a function of the step.
+
+  Args:
+    learning_rate: peak learning rate (reached at the end of warmup).
+    total_steps: length of training.
+    schedule: ``'cosine'`` (``lr * (1 + cos(pi * t)) / 2`` after warmup), ``'step'`` (multiply by
+      ``step_decay`` at each boundary) or ``'constant'``.
+    warmup_steps: linear warmup from 0 over this many steps.
+    step_boundaries: fractions of ``total_steps`` where the step schedule decays.
+    step_decay: factor applied at each boundary.
+
+  Returns:
+    An optax schedule.
+
+  References:
+    Loshchilov & Hutter 2017 (SGDR cosine); Goyal et al. 2017 (warmup, step decay).
+  """
+  check_choice('make_schedule', 'schedule', schedule, SCHEDULES)
+  decay_steps = max(total_steps - warmup_steps, 1)
+  if schedule == 'cosine':
+    main = optax.cosine_decay_schedule(learning_rate, decay_steps)
+  elif schedule == 'step':
+    boundaries = {max(int(f * total_steps) - warmup_steps, 1): step_decay
+                  for f in step_boundaries}
+    main = optax.piecewise_constant_schedule(learning_rate, boundaries)
+  else:
+    main = optax.constant_schedule(learning_rate)
+  if warmup_steps <= 0:
+    return main
+  warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
+  return optax.join_schedules([warmup, main], [warmup_steps])
+
+
+def make_optimizer(name: str, schedule: optax.Schedule, *, momentum: float = 0.9,
+                   nesterov: bool = False, weight_decay: float = 0.0, b1: float = 0.9,
+                   b2: float = 0.999, eps: float = 1e-8, agc_clip: float = 0.0,
+                   decay_mask=None) -> optax.GradientTransformation:
+  """The optax optimizer for a training run.
+
+  Args:
+    name: ``'sgd'`` or ``'adam'``.
+    schedule: learning-rate schedule.
+    momentum: SGD momentum (0 for plain SGD).
+    nesterov: Nesterov momentum for SGD.
+    weight_decay: decay coefficient (0 disables it).
+    b1: Adam first-moment decay.
+    b2: Adam second-moment decay.
+    eps: Adam epsilon.
+    agc_clip: adaptive gradient clipping threshold (0 disables it).
+    decay_mask: params -> bool pytree of the parameters to decay (default :func:`decay_mask_fn`).
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Loshchilov & Hutter 2019 (AdamW); Brock et al. 2021 (AGC).
+  """
+  check_choice('make_optimizer', 'name', name, OPTIMIZERS)
+  mask = decay_mask or decay_mask_fn()
+  parts = []
+  if agc_clip > 0:
+    parts.append(optax.adaptive_grad_clip(agc_clip))
+  if name == 'sgd':
+    if weight_decay > 0:
+      parts.append(optax.add_decayed_weights(weight_decay, mask=mask))
+    parts.append(optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov))
+  else:
+    parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
+    if weight_decay > 0:
+      parts.append(optax.add_decayed_weights(weight_decay, mask=mask))
+    parts.append(optax.scale_by_learning_rate(schedule))
+  return optax.chain(*parts)
