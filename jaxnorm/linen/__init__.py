@@ -6,5 +6,7 @@ Every name exported here is public API.
 # --- BatchNorm (Panigrahi et al.; De & Smith ghost BatchNorm) ---
 
 # --- Backward Gradient Normalization (Cabana & Lago-Fernandez) and SkipInit (De & Smith) ---
+from jaxnorm.linen.backward_grad_norm import BackwardGradNorm as BackwardGradNorm
+from jaxnorm.linen.skip_init import SkipInit as SkipInit
 
 # --- Convolutions: Conv, WSConv, ScaledWSConv, PWSConv (Qiao et al.; Brock et al.; Liu et al.) ---

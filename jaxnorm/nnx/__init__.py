@@ -8,5 +8,7 @@ Equivalence with linen (same parameters, same outputs and gradients) is tested i
 # --- BatchNorm ---
 
 # --- BackwardGradNorm and SkipInit ---
+from jaxnorm.nnx.backward_grad_norm import BackwardGradNorm as BackwardGradNorm
+from jaxnorm.nnx.skip_init import SkipInit as SkipInit
 
 # --- Convolutions: Conv, WSConv, ScaledWSConv, PWSConv ---

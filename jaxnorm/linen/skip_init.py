@@ -1,0 +1,83 @@
+"""SkipInit: a learnable scalar gain at the end of a residual branch, initialized at 0 or 1/sqrt(d).
+
+References:
+  De & Smith, "Batch Normalization Biases Residual Blocks Towards the Identity Function in Deep
+  Networks" (NeurIPS 2020, arXiv 2002.10444); deepmind-research ``nfnets/skipinit_resnet.py``;
+  jaxnorm papers.md section 3.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxnorm.functional import _checks
+
+
+def check_init_value(init_value, layer: str = 'SkipInit') -> None:
+  """Raises unless ``init_value`` is a finite real Python number."""
+  if not isinstance(init_value, Real) or isinstance(init_value, bool):
+    _checks.fail(layer, 'init_value', 'a finite Python float (0.0 or 1/sqrt(num_blocks))',
+                 f'{type(init_value).__name__} {init_value!r}', TypeError)
+  if not math.isfinite(init_value):
+    _checks.fail(layer, 'init_value', 'a finite Python float', repr(init_value))
+
+
+def scale_branch(x, gain, dtype):
+  """``alpha * f(x)``: computed in the promoted dtype of ``x`` and ``gain``, returned in ``dtype``
+  (``x.dtype`` when None)."""
+  _checks.check_floating('SkipInit', 'x', x)
+  out_dtype = x.dtype if dtype is None else dtype
+  compute = jnp.promote_types(x.dtype, gain.dtype)
+  return (x.astype(compute) * gain.astype(compute)).astype(out_dtype)
+
+
+class SkipInit(nn.Module):
+  """Multiplies its input (a residual branch's output) by a learnable scalar ``gain``.
+
+  A SkipInit residual block computes ``x_{l+1} = x_l + alpha_l * f_l(x_l)``; this module is the
+  ``alpha_l *`` factor, placed at the end of the branch ``f_l``. De & Smith initialize
+  ``alpha = 0`` (recommended: each block starts as the identity) or ``alpha = 1/sqrt(d)`` with
+  ``d`` the number of residual blocks (their condition is ``alpha <~ 1/sqrt(d)``). Models compute
+  ``d`` and pass ``init_value=1 / math.sqrt(d)``.
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxnorm.linen import SkipInit
+    >>> variables = SkipInit().init(jax.random.key(0), jnp.ones((2, 3)))
+    >>> variables['params']['gain'].shape
+    ()
+
+  Attributes:
+    init_value: initial value of ``gain`` (a finite float; 0.0 by default).
+    dtype: output dtype; None keeps the input's dtype (bf16 in, bf16 out). The product is
+      computed in the promoted dtype of the input and the parameter.
+    param_dtype: dtype of ``gain``.
+
+  References:
+    De & Smith (2020), section 4 "SkipInit"; deepmind ``SkipInit_ResNet`` (``skip_gain``, shape
+    ``()``, init zeros); papers.md section 3(a).
+  """
+
+  init_value: float = 0.0
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """Returns ``gain * x``.
+
+    Args:
+      x: floating-point array (the residual branch output).
+
+    Returns:
+      ``gain * x`` in ``dtype`` (or ``x.dtype``).
+    """
+    check_init_value(self.init_value)
+    gain = self.param('gain', nn.initializers.constant(self.init_value), (), self.param_dtype)
+    return scale_branch(x, gain, self.dtype)
