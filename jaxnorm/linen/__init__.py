@@ -10,3 +10,5 @@ from jaxnorm.linen.backward_grad_norm import BackwardGradNorm as BackwardGradNor
 from jaxnorm.linen.skip_init import SkipInit as SkipInit
 
 # --- Convolutions: Conv, WSConv, ScaledWSConv, PWSConv (Qiao et al.; Brock et al.; Liu et al.) ---
+# isort: split
+from jaxnorm.linen.conv import Conv as Conv

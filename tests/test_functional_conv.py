@@ -1,0 +1,183 @@
+"""Tests for jaxnorm.functional.conv: forward = a numpy convolution; custom backward = autodiff."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxnorm.functional.conv import conv, resolve_padding
+
+
+def numpy_conv(x, w, strides, pads, dilation=(1, 1)):
+  """Direct NHWC x HWIO convolution in numpy (loops over kernel taps)."""
+  x = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  kh, kw = w.shape[:2]
+  (sh, sw), (dh, dw) = strides, dilation
+  oh = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
+  ow = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
+  y = np.zeros((x.shape[0], oh, ow, w.shape[-1]), np.float64)
+  for i in range(kh):
+    for j in range(kw):
+      patch = x[:, i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dw:j * dw + (ow - 1) * sw + 1:sw, :]
+      y += np.einsum('nhwc,co->nhwo', patch, w[i, j])
+  return y
+
+
+def _grads(x, w, cb, **kw):
+  loss = lambda x, w: jnp.sum(jnp.sin(conv(x, w, custom_backward=cb, **kw)))
+  return jax.grad(loss, argnums=(0, 1))(x, w)
+
+
+@functools.partial(jax.jit, static_argnames=('strides', 'padding', 'kernel_dilation'))
+def _forward_and_both_grads(x, w, strides=1, padding='SAME', kernel_dilation=1):
+  """(conv output, custom-VJP grads, autodiff grads), compiled once per case."""
+  kw = dict(strides=strides, padding=padding, kernel_dilation=kernel_dilation)
+  return conv(x, w, **kw), _grads(x, w, True, **kw), _grads(x, w, False, **kw)
+
+
+# Kernels 1/3/7, strides 1/2, SAME/VALID/explicit; the input is 7 x 8 (odd and even sizes at once).
+CASES = [(k, s, p) for k in (1, 3, 7) for s in (1, 2) for p in ('SAME', 'VALID', ((2, 1), (0, 3)))]
+
+
+@pytest.mark.parametrize('k,s,padding', CASES)
+def test_forward_equals_numpy_and_custom_backward_equals_autodiff(k, s, padding):
+  rng = np.random.default_rng(k * 100 + s)
+  x = rng.normal(size=(2, 7, 8, 3)).astype(np.float32)
+  w = rng.normal(size=(k, k, 3, 4)).astype(np.float32)
+  y, got, want = _forward_and_both_grads(x, w, strides=s, padding=padding)
+  pads = resolve_padding(padding, x.shape[1:3], w.shape[:2], (s, s), (1, 1))
+  np.testing.assert_allclose(y, numpy_conv(x, w, (s, s), pads), rtol=1e-5, atol=1e-4)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_same_padding_matches_lax_same():
+  for size, k, s in [(7, 3, 2), (8, 3, 2), (8, 4, 3), (5, 7, 1), (6, 2, 2)]:
+    pads = resolve_padding('SAME', (size,), (k,), (s,), (1,))
+    want = lax.padtype_to_pads((size,), (k,), (s,), 'SAME')
+    assert list(pads) == [tuple(p) for p in want]
+
+
+@pytest.mark.parametrize('s,padding,dilation', [
+    (2, 'SAME', 1), (1, 'VALID', 2), (3, ((3, 0), (1, 4)), 1), (2, 2, 2)])
+def test_custom_backward_equals_autodiff_float64(s, padding, dilation):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(s)
+    x = jnp.asarray(rng.normal(size=(2, 9, 8, 3)))
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 5)))
+    _, got, want = _forward_and_both_grads(x, w, strides=s, padding=padding,
+                                           kernel_dilation=dilation)
+    assert got[0].dtype == jnp.float64 and got[1].dtype == jnp.float64
+    chex.assert_trees_all_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_one_and_three_spatial_axes():
+  rng = np.random.default_rng(0)
+  for xs, ws in [((2, 9, 3), (3, 3, 4)), ((2, 5, 4, 6, 2), (3, 2, 3, 2, 3))]:
+    x = rng.normal(size=xs).astype(np.float32)
+    w = rng.normal(size=ws).astype(np.float32)
+    _, got, want = _forward_and_both_grads(x, w, strides=2)
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('padding', ['CIRCULAR', 'REFLECT'])
+def test_circular_and_reflect_padding_match_flax(padding):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 6, 7, 3)), jnp.float32)
+  layer = nn.Conv(4, (3, 2), padding=padding, use_bias=False)
+  params = layer.init(jax.random.key(0), x)
+  np.testing.assert_allclose(conv(x, params['params']['kernel'], padding=padding),
+                             layer.apply(params, x), rtol=1e-5, atol=1e-5)
+
+
+class ConvVariantsTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_gradient_with_and_without_jit(self):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 5, 5, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+    got = self.variant(lambda x, w: _grads(x, w, True, strides=2))(x, w)
+    _, _, want = _forward_and_both_grads(x, w, strides=2)
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_vmap_over_kernels_equals_loop():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 6, 6, 3)), jnp.float32)
+  ws = jnp.asarray(rng.normal(size=(4, 3, 3, 3, 2)), jnp.float32)
+  g = jax.jit(jax.vmap(lambda w: _grads(x, w, True, strides=2)))(ws)
+  for i in range(4):
+    _, _, want = _forward_and_both_grads(x, ws[i], strides=2)
+    chex.assert_trees_all_close(jax.tree.map(lambda a, i=i: a[i], g), want, atol=1e-5, rtol=1e-5)
+
+
+def _stack_loss(cb, remat):
+  layer = lambda h, w: jax.nn.relu(conv(h, w, padding='SAME', custom_backward=cb))
+  if remat:
+    layer = jax.checkpoint(layer)
+
+  def loss(ws, x):
+    h, _ = lax.scan(lambda h, w: (layer(h, w), None), x, ws)
+    return jnp.sum(h ** 2)
+  return loss
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_scan_and_checkpoint_gradients_equal_autodiff(remat):
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(2, 6, 6, 4)), jnp.float32)
+  ws = jnp.asarray(rng.normal(size=(3, 3, 3, 4, 4)) / 6, jnp.float32)
+  got = jax.jit(jax.grad(_stack_loss(True, remat), argnums=(0, 1)))(ws, x)
+  want = jax.jit(jax.grad(_stack_loss(False, False), argnums=(0, 1)))(ws, x)
+  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_in_bfloat16_out_and_gradients():
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(3, 3, 4, 4)) / 6, jnp.bfloat16)
+  assert conv(x, w, strides=2).dtype == jnp.bfloat16
+  _, (dx, dw), _ = _forward_and_both_grads(x, w, strides=2)
+  assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+  _, _, (dx32, dw32) = _forward_and_both_grads(x.astype(jnp.float32), w.astype(jnp.float32),
+                                               strides=2)
+  np.testing.assert_allclose(dx.astype(jnp.float32), dx32, atol=0.05, rtol=0.05)
+  np.testing.assert_allclose(dw.astype(jnp.float32), dw32, atol=0.2, rtol=0.05)
+
+
+def test_forward_mode_needs_custom_backward_false():
+  x = jnp.ones((1, 4, 4, 2))
+  w = jnp.ones((3, 3, 2, 2))
+  with pytest.raises(TypeError, match='forward-mode'):
+    jax.jvp(lambda w: conv(x, w), (w,), (w,))
+  _, tangent = jax.jvp(lambda w: conv(x, w, custom_backward=False), (w,), (w,))
+  np.testing.assert_allclose(tangent, conv(x, w))  # conv is linear in w
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(feature_group_count=2), 'feature_group_count'),
+    (dict(padding='FULL'), 'padding'),
+    (dict(strides=0), 'strides'),
+    (dict(padding=((1, 1),)), 'padding'),
+])
+def test_bad_arguments_raise_value_error(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), **kwargs)
+
+
+def test_bad_inputs_raise():
+  with pytest.raises(ValueError, match='rank'):
+    conv(jnp.ones((4, 4)), jnp.ones((3, 3, 2, 2)))
+  with pytest.raises(ValueError, match='input-channel'):
+    conv(jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 2, 2)))
+  with pytest.raises(TypeError, match='floating'):
+    conv(jnp.ones((1, 4, 4, 2), jnp.int32), jnp.ones((3, 3, 2, 2)))
+  with pytest.raises(ValueError, match='dilated kernel size'):
+    conv(jnp.ones((1, 2, 2, 2)), jnp.ones((3, 3, 2, 2)), padding='VALID')
