@@ -4,6 +4,9 @@ Every name exported here is public API.
 """
 
 # --- BatchNorm (Panigrahi et al.; De & Smith ghost BatchNorm) ---
+from jaxnorm.linen.batch_norm import BatchNorm as BatchNorm
+
+# isort: split
 
 # --- Backward Gradient Normalization (Cabana & Lago-Fernandez) and SkipInit (De & Smith) ---
 from jaxnorm.linen.backward_grad_norm import BackwardGradNorm as BackwardGradNorm
