@@ -129,8 +129,11 @@ def standardize_kernel(
   w = kernel.astype(_stats_dtype(dtype))
   axes = tuple(range(kernel.ndim - 1))  # every axis but the output channels
   n = math.prod(kernel.shape[:-1])      # entries per filter = fan_in
-  mean = jnp.mean(w, axis=axes, keepdims=True)
-  centred = w - mean
+  # Shifted two-pass statistics: subtract one entry of each filter first (exact in floating point
+  # for nearby values), so a large common offset (e.g. 1e4) does not swamp the float32 sums.
+  shift = jax.lax.stop_gradient(w[(0,) * len(axes)])
+  shifted = w - shift
+  centred = shifted - jnp.mean(shifted, axis=axes, keepdims=True)
   # Centred two-pass (biased) variance: exact for filters with a large common offset.
   var = jnp.mean(jnp.square(centred), axis=axes, keepdims=True)
 
