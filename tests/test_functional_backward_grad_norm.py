@@ -124,12 +124,12 @@ def test_scan_and_checkpoint_give_the_unrolled_gradients():
     h, _ = jax.lax.scan(step, x, ws)
     return jnp.sum(h ** 2)
 
-  unrolled = jax.grad(_deep_net, argnums=(0, 1))(list(ws), x, True)
+  unrolled = jax.jit(jax.grad(_deep_net, argnums=(0, 1)), static_argnums=2)(list(ws), x, True)
   unrolled = (jnp.stack(unrolled[0]), unrolled[1])
   for remat in (False, True):
     got = jax.jit(jax.grad(scanned, argnums=(0, 1)), static_argnums=2)(ws, x, remat)
     chex.assert_trees_all_close(got, unrolled, rtol=1e-5, atol=1e-6)
-  got = jax.grad(jax.checkpoint(lambda ws, x: _deep_net(list(ws), x, True)))(ws, x)
+  got = jax.jit(jax.grad(jax.checkpoint(lambda ws, x: _deep_net(list(ws), x, True))))(ws, x)
   chex.assert_trees_all_close(got, unrolled[0], rtol=1e-5, atol=1e-6)
 
 
