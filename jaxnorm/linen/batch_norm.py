@@ -22,10 +22,26 @@ from flax.typing import Dtype, Initializer
 from jaxnorm.functional.batch_norm import batch_norm, normalize
 
 
-def _canonicalize_axes(ndim: int, axes) -> tuple[int, ...]:
-  if isinstance(axes, int):
-    axes = (axes,)
-  return tuple(sorted({a % ndim for a in axes}))
+def split_axes(ndim: int, axis) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Returns ``(feature_axes, reduction_axes)`` for the feature axis (or axes) ``axis``."""
+  if isinstance(axis, int):
+    axis = (axis,)
+  feature_axes = tuple(sorted({a % ndim for a in axis}))
+  return feature_axes, tuple(a for a in range(ndim) if a not in feature_axes)
+
+
+def resolve_dtypes(x, scale, bias, dtype, force_float32_reductions: bool):
+  """Flax's dtype rules: ``(output dtype, statistics dtype)``.
+
+  The output dtype is ``dtype`` or else the promotion of the input and parameters (float32 for a
+  bf16 input with float32 parameters, as in ``flax.linen.BatchNorm``); statistics are computed in
+  ``dtype`` or the input dtype, promoted to at least float32 if ``force_float32_reductions``.
+  """
+  out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=dtype)
+  stats_dtype = jnp.result_type(x) if dtype is None else jnp.dtype(dtype)
+  if force_float32_reductions:
+    stats_dtype = jnp.promote_types(stats_dtype, jnp.float32)
+  return out_dtype, stats_dtype
 
 
 class BatchNorm(nn.Module):
@@ -123,9 +139,7 @@ class BatchNorm(nn.Module):
     """
     use_running_average = nn.merge_param(
         'use_running_average', self.use_running_average, use_running_average)
-    ndim = jnp.ndim(x)
-    feature_axes = _canonicalize_axes(ndim, self.axis)
-    reduction_axes = tuple(a for a in range(ndim) if a not in feature_axes)
+    feature_axes, reduction_axes = split_axes(jnp.ndim(x), self.axis)
     feature_shape = tuple(jnp.shape(x)[a] for a in feature_axes)
 
     stat_param_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
@@ -137,7 +151,8 @@ class BatchNorm(nn.Module):
              if self.use_scale else None)
     bias = (self.param('bias', self.bias_init, feature_shape, self.param_dtype)
             if self.use_bias else None)
-    out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+    out_dtype, stats_dtype = resolve_dtypes(x, scale, bias, self.dtype,
+                                            self.force_float32_reductions)
 
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
@@ -146,9 +161,6 @@ class BatchNorm(nn.Module):
       return normalize(x, mean, var, scale, bias, axes=reduction_axes, epsilon=self.epsilon,
                        dtype=out_dtype)
 
-    stats_dtype = jnp.result_type(x) if self.dtype is None else jnp.dtype(self.dtype)
-    if self.force_float32_reductions:
-      stats_dtype = jnp.promote_types(stats_dtype, jnp.float32)
     initializing = self.is_initializing()
     y, mean, var = batch_norm(
         x, scale, bias, axes=reduction_axes, epsilon=self.epsilon,

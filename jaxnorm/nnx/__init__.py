@@ -6,6 +6,9 @@ Equivalence with linen (same parameters, same outputs and gradients) is tested i
 """
 
 # --- BatchNorm ---
+from jaxnorm.nnx.batch_norm import BatchNorm as BatchNorm
+
+# isort: split
 
 # --- BackwardGradNorm and SkipInit ---
 from jaxnorm.nnx.backward_grad_norm import BackwardGradNorm as BackwardGradNorm

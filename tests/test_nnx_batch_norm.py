@@ -1,0 +1,159 @@
+"""jaxnorm.nnx.BatchNorm equals jaxnorm.linen.BatchNorm (same params -> same outputs, gradients and
+running statistics), in the style of Flax's own linen/nnx consistency tests; and it equals
+``flax.nnx.BatchNorm`` (two-pass variance) as well.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from flax import nnx
+
+from jaxnorm import linen as jlinen
+from jaxnorm import nnx as jnnx
+
+SHAPES = {'nhwc': (8, 3, 3, 4), 'nc': (16, 5)}
+
+
+def _batches(shape, n, dtype=jnp.float32):
+  keys = jax.random.split(jax.random.key(0), n)
+  return [(2.0 * jax.random.normal(k, shape) + 0.5 * i).astype(dtype) for i, k in enumerate(keys)]
+
+
+def _params(c):
+  return {'scale': 1.0 + 0.3 * jax.random.normal(jax.random.key(2), (c,)),
+          'bias': 0.1 * jax.random.normal(jax.random.key(3), (c,))}
+
+
+def _run_linen(module, params, xs, w, mask):
+  stats = module.init(jax.random.key(1), xs[0], use_running_average=False)['batch_stats']
+
+  @jax.jit
+  def step(params, stats, x):
+    def loss(x, params):
+      y, upd = module.apply({'params': params, 'batch_stats': stats}, x,
+                            use_running_average=False, mask=mask, mutable=['batch_stats'])
+      return jnp.sum(jnp.sin(y.astype(jnp.float32)) * w), (y, upd['batch_stats'])
+    (_, (y, stats)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, params)
+    return y, grads, stats
+
+  outs = []
+  for x in xs:
+    y, grads, stats = step(params, stats, x)
+    outs.append((y, grads[0], grads[1]['scale'], grads[1]['bias']))
+  y_eval = module.apply({'params': params, 'batch_stats': stats}, xs[0], use_running_average=True)
+  return outs, (stats['mean'], stats['var']), y_eval
+
+
+def _run_nnx(model, params, xs, w, mask):
+  model.scale[...] = params['scale']
+  model.bias[...] = params['bias']
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def step(state, x):
+    def loss(x, state):
+      m = nnx.merge(graphdef, state)
+      y = m(x, use_running_average=False, mask=mask)
+      return jnp.sum(jnp.sin(y.astype(jnp.float32)) * w), (y, nnx.state(m))
+    (_, (y, new_state)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, state)
+    return y, grads, new_state
+
+  outs = []
+  for x in xs:
+    y, (gx, gs), state = step(state, x)
+    outs.append((y, gx, gs['scale'][...], gs['bias'][...]))
+  nnx.update(model, state)
+  y_eval = model(xs[0], use_running_average=True)
+  return outs, (model.mean[...], model.var[...]), y_eval
+
+
+def _assert_close(a, b, tol):
+  for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+    assert u.dtype == v.dtype, (u.dtype, v.dtype)
+    t = max(tol, 1e-2) if u.dtype == jnp.bfloat16 else tol
+    np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(v, np.float32),
+                               rtol=t, atol=t)
+
+
+class LinenConsistencyTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('nhwc', 'nhwc', {}, False, jnp.float32),
+      ('nc', 'nc', {}, False, jnp.float32),
+      ('nhwc_ghost', 'nhwc', dict(ghost_batch_size=4), False, jnp.float32),
+      ('nc_autodiff', 'nc', dict(closed_form_backward=False), False, jnp.float32),
+      ('nc_mask', 'nc', {}, True, jnp.float32),
+      ('nhwc_bf16', 'nhwc', dict(dtype=jnp.bfloat16), False, jnp.bfloat16),
+  )
+  def test_same_params_same_outputs_gradients_and_running_stats(self, layout, kw, masked, dtype):
+    shape = SHAPES[layout]
+    xs = _batches(shape, 3, dtype)
+    w = jax.random.normal(jax.random.key(9), shape)
+    mask = (jnp.arange(shape[0]) % 4 != 1)[:, None] if masked else None
+    kw = dict(momentum=0.8, epsilon=1e-3, **kw)
+    params = _params(shape[-1])
+    ref = _run_linen(jlinen.BatchNorm(**kw), params, xs, w, mask)
+    ours = _run_nnx(jnnx.BatchNorm(shape[-1], rngs=nnx.Rngs(0), **kw), params, xs, w, mask)
+    _assert_close(ours, ref, 1e-6)
+
+  def test_equals_flax_nnx_batch_norm(self):
+    shape = SHAPES['nhwc']
+    xs = _batches(shape, 3)
+    w = jax.random.normal(jax.random.key(9), shape)
+    params = _params(shape[-1])
+    kw = dict(momentum=0.8, epsilon=1e-3, rngs=nnx.Rngs(0))
+    ours = _run_nnx(jnnx.BatchNorm(shape[-1], **kw), params, xs, w, None)
+    ref = _run_nnx(nnx.BatchNorm(shape[-1], use_fast_variance=False, **kw), params, xs, w, None)
+    _assert_close(ours, ref, 2e-5)
+
+  def test_variables_are_params_and_batch_stats_like_linen(self):
+    model = jnnx.BatchNorm(6, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    stats = nnx.state(model, nnx.BatchStat)
+    linen_vars = jlinen.BatchNorm().init(jax.random.key(0), jnp.ones((2, 6)),
+                                         use_running_average=False)
+    self.assertEqual(set(params.keys()), set(linen_vars['params']))
+    self.assertEqual(set(stats.keys()), set(linen_vars['batch_stats']))
+    for name in ('scale', 'bias'):
+      np.testing.assert_array_equal(params[name][...], linen_vars['params'][name])
+    for name in ('mean', 'var'):
+      np.testing.assert_array_equal(stats[name][...], linen_vars['batch_stats'][name])
+    no_scale = jnnx.BatchNorm(6, use_scale=False, use_bias=False, rngs=nnx.Rngs(0))
+    self.assertEmpty(jax.tree_util.tree_leaves(nnx.state(no_scale, nnx.Param)))
+
+  def test_nnx_jit_training_step_updates_running_stats_in_place(self):
+    x = _batches(SHAPES['nc'], 1)[0]
+    model = jnnx.BatchNorm(5, momentum=0.5, rngs=nnx.Rngs(0))
+
+    @nnx.jit
+    def step(model, x):
+      return nnx.grad(lambda m: jnp.sum(m(x) ** 3))(model)
+
+    grads = step(model, x)
+    np.testing.assert_allclose(model.mean[...], 0.5 * np.asarray(x, np.float64).mean(0),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.var[...], 0.5 + 0.5 * np.asarray(x, np.float64).var(0),
+                               rtol=1e-5)
+    self.assertEqual(grads['scale'][...].shape, (5,))
+    # Eval through nnx.view uses the running statistics.
+    y = nnx.view(model, use_running_average=True)(x)
+    ref = (np.asarray(x, np.float64) - model.mean[...]) / np.sqrt(model.var[...] + 1e-5)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+  def test_missing_use_running_average_raises(self):
+    model = jnnx.BatchNorm(5, use_running_average=None, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match='use_running_average'):
+      model(jnp.ones((4, 5)))
+
+
+def test_linen_reference_is_flax_like():
+  # Sanity of the reference used above: jaxnorm.linen.BatchNorm == flax.linen.BatchNorm (eval).
+  x = _batches((4, 3), 1)[0]
+  v = nn.BatchNorm().init(jax.random.key(0), x, use_running_average=True)
+  np.testing.assert_allclose(jlinen.BatchNorm().apply(v, x, use_running_average=True),
+                             nn.BatchNorm().apply(v, x, use_running_average=True), rtol=1e-7)
