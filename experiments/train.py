@@ -32,6 +32,16 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This host.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def parse_flags(argv):
+  """Parses flags; a bad flag or config file exits with one line, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    print(f'error: {lines[-1] if lines else e}', file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv):
   del argv
   import jax
@@ -57,4 +67,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

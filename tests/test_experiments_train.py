@@ -116,7 +116,7 @@ def test_run_killed_after_checkpoint_resumes_to_identical_metrics(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize('override, field', [
     ('--config.optimizer.name=lion', 'config.optimizer.name'),
-    ('--config.total_steps=0', 'config.total_steps'),
+    ('--config.total_steps=2.5', 'config.total_steps'),
     ('--config.model.name=no_such_model', 'config.model.name'),
 ])
 def test_invalid_config_value_exits_with_one_line_naming_the_field(tmp_path, override, field):

@@ -150,7 +150,7 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh, *,
     params = optax.apply_updates(state.params, updates)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
     metrics = {'loss': loss, 'accuracy': accuracy.astype(jnp.float32),
-               'grad_norm': optax.global_norm(grads)}
+               'grad_norm': optax.tree.norm(grads)}
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=_cast_floats(batch_stats, jnp.float32),
                               opt_state=opt_state)

@@ -1,0 +1,54 @@
+"""Checkpoints: exact round trip, fallback past a damaged latest checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import optax
+
+from jaxnorm.training import steps
+from jaxnorm.training.checkpoint import Checkpointer
+
+
+def _state(value):
+  mesh = steps.make_mesh(jax.devices()[:1])
+  params = {'w': np.full((3, 2), value, np.float32)}
+  tx = optax.sgd(0.1, momentum=0.9)
+  state = steps.TrainState(step=np.int32(value), params=params,
+                           batch_stats={'mean': np.arange(2, dtype=np.float32) * value},
+                           opt_state=tx.init(params), rng=jax.random.PRNGKey(int(value)))
+  return jax.device_put(state, steps.replicated(mesh))
+
+
+def test_round_trip_restores_state_and_extra_exactly(tmp_path):
+  ckpt = Checkpointer(str(tmp_path))
+  ckpt.save(3, _state(3.0), {'data': {'step': 3}, 'window': {'loss': 0.1 + 0.2}})
+  ckpt.wait()
+  step, state, extra = ckpt.restore_latest(_state(0.0))
+  ckpt.close()
+  assert step == 3 and extra == {'data': {'step': 3}, 'window': {'loss': 0.1 + 0.2}}
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(_state(3.0)), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_no_checkpoint_returns_none(tmp_path):
+  assert Checkpointer(str(tmp_path)).restore_latest(_state(0.0)) is None
+
+
+def test_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, capsys):
+  ckpt = Checkpointer(str(tmp_path))
+  for s in (1, 2):
+    ckpt.save(s, _state(float(s)), {'data': {'step': s}})
+  ckpt.close()
+  # Damage checkpoint 2: truncate every file of its array store.
+  for root, _, files in os.walk(tmp_path / '2' / 'state'):
+    for name in files:
+      open(os.path.join(root, name), 'wb').close()
+  # A save killed midway leaves only Orbax's temporary directory: it is not a checkpoint.
+  os.makedirs(tmp_path / '3.orbax-checkpoint-tmp-1234567' / 'state')
+  step, state, extra = Checkpointer(str(tmp_path)).restore_latest(_state(0.0))
+  assert step == 1 and extra['data'] == {'step': 1}
+  np.testing.assert_array_equal(state.params['w'], np.full((3, 2), 1.0))
+  assert 'could not be restored' in capsys.readouterr().out
