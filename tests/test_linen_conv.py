@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnorm.linen.conv import Conv
+from jaxnorm.linen.conv import Conv, PWSConv, ScaledWSConv, WSConv
 
 
 def _x(shape, seed=0, dtype=jnp.float32):
@@ -92,3 +92,162 @@ def test_conv_under_nn_scan_and_remat_equals_autodiff():
     loss = lambda v, x, model=model: jnp.sum(model.apply(v, x, None)[0] ** 2)
     grads.append(jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, x))
   chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# WSConv, ScaledWSConv, PWSConv: conv(x, standardized W) + b, computed independently
+# ----------------------------------------------------------------------------------------------
+
+def _ref_standardize(w, kind, layer):
+  """float64 numpy standardization per output channel (papers.md §5(a), §5b)."""
+  w = np.asarray(w, np.float64)
+  flat = w.reshape(-1, w.shape[-1])
+  n, cout = flat.shape
+  c = flat - flat.mean(0)
+  if kind == 'ws':
+    out = c / np.sqrt(flat.var(0) + layer.eps)
+  elif kind == 'ws_std':
+    out = c / (flat.std(0, ddof=1) + layer.eps)
+  elif kind == 'scaled_ws':
+    out = c / np.sqrt(np.maximum(n * flat.var(0), layer.eps))
+  else:
+    fan = n if layer.mode == 'fan_in' else n // w.shape[-2] * cout
+    gamma = layer.gamma * 2 / fan if layer.equiv else layer.gamma
+    out = np.sqrt(2 / fan) * c / np.sqrt(flat.var(0) + gamma)
+  return out.reshape(w.shape)
+
+
+def _ref_output(x, params, kind, layer, strides, padding):
+  w = _ref_standardize(params['kernel'], kind, layer)
+  scale = params.get('gain', params.get('alpha'))
+  if scale is not None:
+    w = w * np.asarray(scale, np.float64)
+  y = jax.lax.conv_general_dilated(
+      np.asarray(x, np.float32), w.astype(np.float32), (strides, strides), padding,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=jax.lax.Precision.HIGHEST)
+  return np.asarray(y) + np.asarray(params['bias'])
+
+
+LAYERS = [
+    ('ws', lambda **kw: WSConv(**kw)),
+    ('ws_std', lambda **kw: WSConv(method='ws_std', **kw)),
+    ('scaled_ws', lambda **kw: ScaledWSConv(**kw)),
+    ('pws', lambda **kw: PWSConv(gamma=1e-3, **kw)),
+    ('pws', lambda **kw: PWSConv(mode='fan_out', equiv=True, gamma=0.1, **kw)),
+]
+
+
+@pytest.mark.parametrize('kind,make', LAYERS)
+def test_standardized_conv_equals_conv_of_standardized_kernel(kind, make):
+  x = _x((3, 7, 6, 4))
+  layer = make(features=5, kernel_size=(3, 3), strides=2)
+  variables = layer.init(jax.random.key(0), x)
+  assert set(variables) == {'params'}  # no running statistics: eval kernel == train kernel
+  # Random per-channel scales and bias, so that every parameter matters.
+  variables = jax.tree.map(lambda p: p + 0.3 * _x(p.shape, seed=p.size), variables)
+  params = variables['params']
+  y = layer.apply(variables, x)
+  np.testing.assert_allclose(y, _ref_output(x, params, kind, layer, 2, 'SAME'),
+                             rtol=1e-4, atol=1e-4)
+  # The raw kernel stays in params; the standardized one is not written back.
+  assert not np.allclose(np.asarray(params['kernel']).reshape(-1, 5).mean(0), 0.0, atol=1e-3)
+  _, state = layer.apply(variables, x, mutable=True)
+  chex.assert_trees_all_equal(state, variables)
+  # Output of sample i does not depend on the other samples.
+  per_sample = np.concatenate([layer.apply(variables, x[i:i + 1]) for i in range(3)])
+  np.testing.assert_allclose(y, per_sample, rtol=1e-5, atol=1e-5)
+
+
+def _independent_loss(kind, layer, strides):
+  """Autodiff-able jnp version of the layer (direct formulas + lax conv), for gradient checks."""
+  def apply(params, x):
+    w = params['kernel']
+    axes = (0, 1, 2)
+    n = np.prod(w.shape[:-1])
+    c = w - jnp.mean(w, axes)
+    var = jnp.mean(c ** 2, axes)
+    if kind == 'ws':
+      wh = c / jnp.sqrt(var + layer.eps)
+    elif kind == 'ws_std':
+      wh = c / (jnp.sqrt(var * n / (n - 1)) + layer.eps)
+    elif kind == 'scaled_ws':
+      wh = params['gain'] * c / jnp.sqrt(jnp.maximum(n * var, layer.eps))
+    else:
+      fan = n if layer.mode == 'fan_in' else n // w.shape[-2] * w.shape[-1]
+      gamma = layer.gamma * 2 / fan if layer.equiv else layer.gamma
+      wh = params['alpha'] * np.sqrt(2 / fan) * c / jnp.sqrt(var + gamma)
+    y = jax.lax.conv_general_dilated(x, wh, (strides, strides), 'SAME',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jnp.sum(jnp.tanh(y + params['bias']) ** 2)
+  return apply
+
+
+@pytest.mark.parametrize('kind,make', LAYERS)
+def test_standardized_conv_gradients_equal_independent_autodiff(kind, make):
+  x = _x((2, 6, 6, 3))
+  layer = make(features=4, kernel_size=(3, 3), strides=2)
+  variables = layer.init(jax.random.key(0), x)
+  variables = jax.tree.map(lambda p: p + 0.3 * _x(p.shape, seed=p.size), variables)
+  _, (got, gx) = _loss_and_grads(layer, variables, x)
+  want, wx = jax.jit(jax.grad(_independent_loss(kind, layer, 2), argnums=(0, 1)))(
+      variables['params'], x)
+  chex.assert_trees_all_close(got['params'], want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(gx, wx, rtol=1e-4, atol=1e-5)
+  # The average-gradient component of every filter is projected out.
+  gk = np.asarray(got['params']['kernel']).reshape(-1, 4)
+  np.testing.assert_allclose(gk.sum(0), 0.0, atol=1e-5 * np.abs(gk).sum(0).max())
+
+
+def test_scaled_ws_and_pws_parameters_and_initializers():
+  x = _x((1, 5, 5, 64))
+  v = ScaledWSConv(features=256, kernel_size=(3, 3)).init(jax.random.key(0), x)['params']
+  assert set(v) == {'kernel', 'bias', 'gain'}
+  np.testing.assert_array_equal(v['gain'], np.ones(256))
+  np.testing.assert_array_equal(v['bias'], np.zeros(256))
+  # variance_scaling(1.0, fan_in, normal): std sqrt(1/576) (a truncated normal would give 0.88x).
+  np.testing.assert_allclose(np.std(v['kernel']), np.sqrt(1 / 576), rtol=0.02)
+  for mode, fan in [('fan_in', 576), ('fan_out', 9 * 256)]:
+    p = PWSConv(features=256, kernel_size=(3, 3), mode=mode).init(jax.random.key(1), x)['params']
+    assert set(p) == {'kernel', 'bias', 'alpha'}
+    np.testing.assert_array_equal(p['alpha'], np.ones(256))
+    np.testing.assert_array_equal(p['bias'], np.zeros(256))
+    np.testing.assert_allclose(np.std(p['kernel']), np.sqrt(2 / fan), rtol=0.02)  # He normal
+  w = WSConv(features=4, kernel_size=(3, 3), use_bias=False).init(jax.random.key(0), x)
+  assert set(w['params']) == {'kernel'}
+
+
+@pytest.mark.parametrize('gamma,mode,equiv', [(1e-3, 'fan_in', False), (0.1, 'fan_out', True)])
+def test_pws_init_alpha_gives_preactivation_variance_two(gamma, mode, equiv):
+  x = jax.nn.relu(_x((8, 8, 8, 16)))  # post-ReLU inputs (mean > 0), as in the ResNets
+  layer = PWSConv(features=32, kernel_size=(3, 3), gamma=gamma, mode=mode, equiv=equiv,
+                  init_alpha=True)
+  variables = layer.init(jax.random.key(0), x)
+  alpha = np.asarray(variables['params']['alpha'])
+  np.testing.assert_allclose(alpha, alpha[0])  # one scalar for all channels
+  y = np.asarray(layer.apply(variables, x), np.float64)
+  np.testing.assert_allclose(y.var(ddof=1), 2.0, rtol=1e-4)  # torch's unbiased var
+  # Independent: alpha = sqrt(2 / var(output with alpha = 1)).
+  plain = PWSConv(features=32, kernel_size=(3, 3), gamma=gamma, mode=mode, equiv=equiv)
+  y1 = np.asarray(plain.apply(plain.init(jax.random.key(0), x), x), np.float64)
+  np.testing.assert_allclose(alpha[0], np.sqrt(2 / y1.var(ddof=1)), rtol=1e-4)
+
+
+def test_standardized_conv_bfloat16():
+  x = _x((2, 6, 6, 8), dtype=jnp.bfloat16)
+  for layer in [WSConv(4, (3, 3), dtype=jnp.bfloat16),
+                ScaledWSConv(4, (3, 3), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16),
+                PWSConv(4, (3, 3), dtype=jnp.bfloat16, init_alpha=True)]:
+    variables = layer.init(jax.random.key(0), x)
+    y = layer.apply(variables, x)
+    assert y.dtype == jnp.bfloat16
+    f32 = layer.clone(dtype=jnp.float32).apply(variables, x.astype(jnp.float32))
+    np.testing.assert_allclose(y.astype(np.float32), f32, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize('layer,match', [
+    (WSConv(4, (3, 3), method='pws'), 'method'),
+    (PWSConv(4, (3, 3), mode='fan_avg'), 'mode'),
+])
+def test_bad_hyperparameters_raise(layer, match):
+  with pytest.raises(ValueError, match=match):
+    layer.init(jax.random.key(0), jnp.ones((1, 5, 5, 2)))

@@ -15,3 +15,6 @@ from jaxnorm.linen.skip_init import SkipInit as SkipInit
 # --- Convolutions: Conv, WSConv, ScaledWSConv, PWSConv (Qiao et al.; Brock et al.; Liu et al.) ---
 # isort: split
 from jaxnorm.linen.conv import Conv as Conv
+from jaxnorm.linen.conv import PWSConv as PWSConv
+from jaxnorm.linen.conv import ScaledWSConv as ScaledWSConv
+from jaxnorm.linen.conv import WSConv as WSConv
