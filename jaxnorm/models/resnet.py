@@ -1,0 +1,302 @@
+"""A generic ResNet (basic/bottleneck, v1/v2/relu_first, CIFAR/ImageNet stem) and its presets.
+
+Presets: ``cifar_resnet(depth)`` (He et al. 6n+2: 20, 56, 110, 1202), ``wide_resnet(depth, width)``
+(Zagoruyko & Komodakis, WRN-d-k, d = 6n+4), ``resnet50(style)`` (v1 or v2), ``pws_resnet(depth)``
+(the official PWS ResNets: CIFAR ResNet-34, ImageNet ResNet-50). All are called as
+``model.apply(variables, x, train=bool, mutable=[...])``.
+
+References: He et al. 2016a/b; papers.md §1, §3 (SkipInit, Regularized SkipInit), §4 (ResNet-110),
+§5(b) (PWS ResNets), §5b (NF-ResNet bookkeeping).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxnorm.functional._checks import check_choice, check_positive, fail
+from jaxnorm.models.blocks import EXPANSION, STYLES, ResidualBlock
+from jaxnorm.models.registry import (
+  Layers,
+  NormSpec,
+  check_bgn,
+  make_norm_spec,
+  resolve_skip_init,
+)
+from jaxnorm.models.stacking import default_scan, run_blocks
+
+
+def nf_betas(stage_sizes: Sequence[int], alpha: float) -> list[list[float]]:
+  """NF-ResNet's per-block beta = 1/expected_std (papers.md §5b; Brock et al. nf_resnet.py).
+
+  expected_std starts at 1; at each stage's first block it is reset to 1 after computing beta
+  (the shortcut conv sees act(h) * beta), and every block adds alpha^2 to the expected variance.
+  """
+  expected_std = 1.0
+  out = []
+  for n in stage_sizes:
+    stage = []
+    for i in range(n):
+      stage.append(1.0 / expected_std)
+      if i == 0:
+        expected_std = 1.0
+      expected_std = math.sqrt(expected_std**2 + alpha**2)
+    out.append(stage)
+  return out
+
+
+class ResNet(nn.Module):
+  """A ResNet generic in its normalization.
+
+  Args:
+    stage_sizes: number of blocks per stage.
+    widths: branch width per stage (bottleneck outputs are 4x).
+    stem_width: output channels of the stem conv.
+    strides: stride of each stage's first block.
+    bottleneck: bottleneck blocks instead of basic.
+    style: 'v1' (post-activation), 'v2' (pre-activation), 'relu_first' (PWS); None = 'v2' for
+      norm='scaled_ws' (NF-ResNets are pre-activation), 'v1' otherwise.
+    stem: 'cifar' (3x3/1 conv) or 'imagenet' (7x7/2 conv + 3x3/2 maxpool).
+    norm: a spec in ``registry.NORMS`` or a ``NormSpec``.
+    skip_init: None (no SkipInit gain), a float (initial gain), or 'inv_sqrt_depth'.
+    bgn: BackwardGradNorm placement: 'none', 'block' (every block output), 'layer' (also every
+      activation inside the branches and the stem).
+    conv_bias: None = spec default; True = biases after every conv (Regularized SkipInit).
+    dropout_rate: dropout before the head (Regularized SkipInit).
+    zero_init_residual: last norm scale of every branch initialised at 0.
+    num_classes: classifier outputs.
+    scan: scan identical blocks of a stage (None: automatic, see ``stacking.default_scan``).
+    remat: rematerialise each block in the backward pass.
+
+  References: He et al. 2016a/b; De & Smith 2020 (papers.md §3); Liu et al. 2021 (§5(b)); Brock
+  et al. 2021a (§5b).
+  """
+  stage_sizes: Sequence[int]
+  widths: Sequence[int]
+  stem_width: int = 16
+  strides: Sequence[int] = (1, 2, 2)
+  bottleneck: bool = False
+  style: str | None = None
+  stem: str = 'cifar'
+  norm: str | NormSpec = 'batch_norm'
+  skip_init: float | str | None = None
+  bgn: str = 'none'
+  conv_bias: bool | None = None
+  dropout_rate: float = 0.0
+  zero_init_residual: bool = False
+  num_classes: int = 10
+  scan: bool | None = None
+  remat: bool = False
+
+  def _check(self) -> tuple[NormSpec, str]:
+    spec = make_norm_spec(self.norm, 'ResNet')
+    style = self.style or ('v2' if spec.is_nf else 'v1')
+    check_choice('ResNet', 'style', style, STYLES)
+    check_choice('ResNet', 'stem', self.stem, ('cifar', 'imagenet'))
+    check_bgn(self.bgn, 'ResNet')
+    if spec.is_nf and style == 'v1':
+      fail('ResNet', 'style', "'v2' or 'relu_first' with norm='scaled_ws' (NF-ResNets are "
+           'pre-activation)', repr(style))
+    if not (len(self.stage_sizes) == len(self.widths) == len(self.strides)):
+      fail('ResNet', 'stage_sizes', 'as many entries as `widths` and `strides`',
+           f'{len(self.stage_sizes)}, {len(self.widths)}, {len(self.strides)}')
+    for n in self.stage_sizes:
+      check_positive('ResNet', 'stage_sizes', n)
+    check_positive('ResNet', 'dropout_rate', self.dropout_rate, allow_zero=True)
+    return spec, style
+
+  @property
+  def num_blocks(self) -> int:
+    return sum(self.stage_sizes)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    spec, style = self._check()
+    L = Layers(spec=spec, conv_bias=self.conv_bias, bgn=self.bgn,
+               zero_init_residual=self.zero_init_residual)
+    skip_init = resolve_skip_init(self.skip_init, self.num_blocks, 'ResNet')
+    scan = default_scan() if self.scan is None else self.scan
+
+    # Stem.
+    k, s = (3, 1) if self.stem == 'cifar' else (7, 2)
+    x = L.conv(self.stem_width, k, s, name='stem_conv', first=True)(x)
+    if style != 'v2':
+      stem_norm = L.norm(train, name='stem_norm') or L.outer_norm(name='stem_norm')
+      x = L.act(x if stem_norm is None else stem_norm(x))
+    if self.stem == 'imagenet':
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    x = self.perturb('stem', x)
+    self.sow('intermediates', 'stem', x)
+    x = L.bgn_node(x, 'layer', name='bgn_stem')
+
+    # Stages.
+    betas = nf_betas(self.stage_sizes, spec.nf_alpha) if spec.is_nf else None
+    in_features = self.stem_width
+    for si, (n, width, stride) in enumerate(zip(self.stage_sizes, self.widths, self.strides,
+                                                strict=True)):
+      out_features = width * (EXPANSION if self.bottleneck else 1)
+      common = dict(layers=L, features=width, bottleneck=self.bottleneck, style=style,
+                    skip_init=skip_init)
+      first = dict(common, strides=stride,
+                   projection=stride != 1 or in_features != out_features)
+      x = _Stage(first=first, rest=dict(common), n=n, betas=None if betas is None else
+                 tuple(betas[si]), scan=scan, remat=self.remat, name=f'stage_{si}')(x, train)
+      in_features = out_features
+
+    # Neck and head.
+    if style == 'v2':
+      x = L.act(_apply(L.norm(train, name='final_norm') or L.outer_norm(name='final_norm'), x))
+    elif style == 'relu_first':
+      x = L.act(_apply(L.outer_norm(name='final_norm'), x))
+    x = jnp.mean(x, axis=(1, 2))
+    if self.dropout_rate > 0:
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, name='head')(x)
+
+
+def _apply(layer, x):
+  return x if layer is None else layer(x)
+
+
+class _Stage(nn.Module):
+  """One stage: block_0 (may project) then n-1 identical blocks (scanned or unrolled)."""
+  first: dict
+  rest: dict
+  n: int
+  betas: tuple[float, ...] | None
+  scan: bool
+  remat: bool
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    return run_blocks(ResidualBlock, self.first, self.rest, self.n, x, train, self.betas,
+                      scan=self.scan, remat=self.remat)
+
+
+def _regularized(kw: dict, regularized: bool) -> dict:
+  """Regularized SkipInit (De & Smith): SkipInit(0) + conv biases + dropout before the head.
+
+  The dropout rate is not recoverable from the public material ([recon]: 0.2 by default here).
+  """
+  if regularized:
+    if kw.get('skip_init') is None:
+      kw['skip_init'] = 0.0
+    kw.setdefault('conv_bias', True)
+    if not kw.get('dropout_rate'):
+      kw['dropout_rate'] = 0.2
+  return kw
+
+
+def cifar_resnet(depth: int = 20, *, width: int = 16, norm: str | NormSpec = 'batch_norm',
+                 skip_init=None, num_classes: int = 10, regularized: bool = False,
+                 **kwargs) -> ResNet:
+  """He et al.'s CIFAR ResNet-(6n+2): 3 stages of n basic blocks, widths w, 2w, 4w (w = 16).
+
+  Projection (1x1 conv) shortcuts at the stage transitions (He et al.'s option B).
+
+  Args:
+    depth: 6n + 2 (20, 32, 44, 56, 110, 1202, ...).
+    width: first-stage width (16 in the paper; smaller for smoke tests).
+    norm: normalization spec.
+    skip_init: SkipInit gain init (None, float, 'inv_sqrt_depth').
+    num_classes: classifier outputs.
+    regularized: Regularized SkipInit (SkipInit + conv biases + dropout before the head).
+    **kwargs: further ``ResNet`` fields (style, bgn, scan, remat, ...).
+
+  Returns:
+    A ``ResNet`` (ResNet-20: 0.27M parameters, ResNet-110: 1.7M).
+
+  References: He et al. 2016a §4.2; papers.md §4 (Bjorck et al.'s ResNet-110).
+  """
+  if depth < 8 or (depth - 2) % 6:
+    fail('cifar_resnet', 'depth', '6n + 2 with n >= 1 (20, 56, 110, 1202, ...)', depth)
+  n = (depth - 2) // 6
+  kw = _regularized(dict(skip_init=skip_init, **kwargs), regularized)
+  return ResNet(stage_sizes=(n, n, n), widths=(width, 2 * width, 4 * width), stem_width=width,
+                strides=(1, 2, 2), stem='cifar', norm=norm, num_classes=num_classes, **kw)
+
+
+def wide_resnet(depth: int = 16, width: int = 4, *, base_width: int = 16,
+                norm: str | NormSpec = 'batch_norm', skip_init=None, num_classes: int = 10,
+                regularized: bool = False, **kwargs) -> ResNet:
+  """WRN-depth-width: pre-activation, 3 stages of (depth-4)/6 basic blocks, widths 16k, 32k, 64k.
+
+  Args:
+    depth: 6n + 4 (16, 28, 40, 100, 1000, ...).
+    width: widening factor k.
+    base_width: 16 in the paper (smaller for smoke tests); stem width = base_width.
+    norm, skip_init, num_classes, regularized, **kwargs: as ``cifar_resnet``.
+
+  Returns:
+    A ``ResNet`` (WRN-16-4: 2.7M parameters).
+
+  References: Zagoruyko & Komodakis 2016; De & Smith 2020 (papers.md §3(b): depths 16, 100, 1000).
+  """
+  if depth < 10 or (depth - 4) % 6:
+    fail('wide_resnet', 'depth', '6n + 4 with n >= 1 (16, 28, 100, 1000, ...)', depth)
+  n = (depth - 4) // 6
+  kw = _regularized(dict(skip_init=skip_init, **kwargs), regularized)
+  kw.setdefault('style', 'v2')
+  return ResNet(stage_sizes=(n, n, n), widths=tuple(base_width * width * m for m in (1, 2, 4)),
+                stem_width=base_width, strides=(1, 2, 2), stem='cifar', norm=norm,
+                num_classes=num_classes, **kw)
+
+
+def resnet50(style: str = 'v1', *, width: int = 64, norm: str | NormSpec = 'batch_norm',
+             skip_init=None, num_classes: int = 1000, regularized: bool = False,
+             **kwargs) -> ResNet:
+  """ImageNet ResNet-50: 7x7/2 stem + maxpool, bottleneck stages [3, 4, 6, 3], stride on the 3x3.
+
+  Args:
+    style: 'v1' or 'v2' (De & Smith's ResNet-50-V2).
+    width: first-stage branch width (64; smaller for smoke tests).
+    norm, skip_init, num_classes, regularized, **kwargs: as ``cifar_resnet``.
+
+  Returns:
+    A ``ResNet`` (25.6M parameters with 1000 classes).
+
+  References: He et al. 2016a/b; papers.md §3(b) (ResNet-50-V2), §5(b).
+  """
+  kw = _regularized(dict(skip_init=skip_init, **kwargs), regularized)
+  return ResNet(stage_sizes=(3, 4, 6, 3), widths=tuple(width * m for m in (1, 2, 4, 8)),
+                stem_width=width, strides=(1, 2, 2, 2), bottleneck=True, style=style,
+                stem='imagenet', norm=norm, num_classes=num_classes, **kw)
+
+
+def pws_resnet(depth: int = 34, *, width: int = 64, norm: str | NormSpec = 'pws',
+               skip_init=None, num_classes: int | None = None, **kwargs) -> ResNet:
+  """The official PWS ResNets (lyxzzz/PWSConv): ReLU-first blocks, GroupNorm(1) stem and neck.
+
+  depth 34: CIFAR ``ResNet_Cifar`` (basic [3, 4, 6, 3], widths 64..512, 3x3/1 stem, no maxpool;
+  PWS gamma 1e-3, fan_in, no data-dependent alpha). depth 50: ImageNet ResNet-50 (bottleneck
+  [3, 4, 6, 3], 7x7/2 stem + maxpool; PWS gamma 1e-4, fan_in, data-dependent alpha).
+
+  Args:
+    depth: 34 or 50.
+    width: first-stage width (64; smaller for smoke tests).
+    norm: 'pws' (the paper's hyperparameters for this depth), another spec (the repository's
+      baselines, e.g. 'batch_norm', 'group_norm'), or a ``NormSpec``.
+    skip_init: SkipInit gain init (None in the paper).
+    num_classes: default 10 (depth 34) or 1000 (depth 50).
+    **kwargs: further ``ResNet`` fields.
+
+  Returns:
+    A ``ResNet`` with style 'relu_first'.
+
+  References: Liu et al. 2021, papers.md §5(b).
+  """
+  check_choice('pws_resnet', 'depth', depth, (34, 50))
+  cifar = depth == 34
+  if norm == 'pws':
+    norm = NormSpec(name='pws', pws_gamma=1e-3 if cifar else 1e-4, pws_mode='fan_in',
+                    pws_init_alpha=not cifar)
+  if num_classes is None:
+    num_classes = 10 if cifar else 1000
+  kw = dict(skip_init=skip_init, **kwargs)
+  kw.setdefault('style', 'relu_first')
+  return ResNet(stage_sizes=(3, 4, 6, 3), widths=tuple(width * m for m in (1, 2, 4, 8)),
+                stem_width=width, strides=(1, 2, 2, 2), bottleneck=not cifar,
+                stem='cifar' if cifar else 'imagenet', norm=norm, num_classes=num_classes, **kw)

@@ -1,0 +1,121 @@
+"""Depth without pain: run a sequence of identical blocks unrolled or under ``nn.scan``.
+
+Layout of a sequence of ``n`` blocks (a ResNet stage, or the blocks of a ResidualMLP):
+
+- unrolled: submodules ``block_0, ..., block_{n-1}``;
+- scanned: ``block_0`` (the stage's first block, which may change width or stride) and
+  ``scanned_blocks``, one module whose variables (every collection: params, batch_stats,
+  intermediates, perturbations, ...) carry a leading axis of length ``n - 1`` = blocks 1..n-1.
+
+Both run the same operations for the same parameters (``stack_blocks`` / ``unstack_blocks``
+convert a variable tree between the two layouts). The outputs agree to float32 rounding, and often
+bit for bit: XLA compiles a loop body separately from the rest of the graph, so it may fuse (and,
+on XLA:CPU, pick conv kernels) differently than in the unrolled graph; the differences measured are
+<= 5e-7 relative on the logits. (Barriers between unrolled blocks did not remove them.)
+
+Why both: ``nn.scan`` keeps compile time flat in depth (ResNet-1202 compiles like ResNet-20),
+while unrolled graphs give XLA more freedom within a step. See ``jaxnorm/models/__init__.py`` and
+ECOSYSTEM.md "Depth: scan vs unrolled".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+SCANNED = 'scanned_blocks'
+_BLOCK = re.compile(r'^block_(\d+)$')
+
+
+def default_scan() -> bool:
+  """What ``scan=None`` means: scan on GPU/TPU; on CPU, see ``cpu_scan_default``."""
+  return jax.default_backend() != 'cpu' or CPU_SCAN_DEFAULT
+
+
+# Measured (models_scan_notes.md): on XLA:CPU with jaxnorm's custom-VJP convs ...
+CPU_SCAN_DEFAULT = False
+
+
+def run_blocks(block_cls: type[nn.Module], kwargs_first: Mapping[str, Any],
+               kwargs_rest: Mapping[str, Any], n: int, x, train: bool,
+               betas: Sequence[float] | None, *, scan: bool, remat: bool):
+  """Applies ``n`` blocks in sequence, unrolled or with blocks 1..n-1 under ``nn.scan``.
+
+  Must be called inside a compact method (the blocks become the caller's submodules).
+
+  Args:
+    block_cls: the block module class; called as ``block(x, train, beta)``.
+    kwargs_first: constructor arguments of block 0.
+    kwargs_rest: constructor arguments of blocks 1..n-1 (identical blocks).
+    n: number of blocks.
+    x: input.
+    train: training mode (broadcast to every block).
+    betas: per-block scalar inputs (NF-ResNet's beta), or None (all ones).
+    scan: scan blocks 1..n-1.
+    remat: rematerialise each block in the backward pass (``nn.remat``).
+
+  Returns:
+    The output of the last block.
+  """
+  betas = [1.0] * n if betas is None else list(betas)
+  beta_arr = jnp.asarray(betas, jnp.float32)
+  cls = nn.remat(block_cls, static_argnums=(2,)) if remat else block_cls
+  x = cls(**kwargs_first, name='block_0')(x, train, beta_arr[0])
+  if n == 1:
+    return x
+  if scan:
+    scanned = nn.scan(cls, variable_axes={True: 0}, split_rngs={True: True},
+                      in_axes=(nn.broadcast, 0), length=n - 1)
+    x, _ = scanned(**kwargs_rest, scan_carry=True, name=SCANNED)(x, train, beta_arr[1:])
+    return x
+  for i in range(1, n):
+    x = cls(**kwargs_rest, name=f'block_{i}')(x, train, beta_arr[i])
+  return x
+
+
+def _is_sequence_node(node) -> bool:
+  return isinstance(node, Mapping) and 'block_0' in node
+
+
+def stack_blocks(tree):
+  """Converts a variable tree from the unrolled layout to the scanned one.
+
+  Every mapping holding ``block_0 .. block_{n-1}`` gets ``block_1..`` stacked on a new leading
+  axis under ``scanned_blocks``. Works on any collection tree (a whole ``variables`` dict too).
+  """
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {}
+  blocks = {}
+  for key, value in tree.items():
+    m = _BLOCK.match(key) if isinstance(key, str) else None
+    if m and int(m.group(1)) > 0 and _is_sequence_node(tree):
+      blocks[int(m.group(1))] = value
+    else:
+      out[key] = stack_blocks(value)
+  if blocks:
+    order = sorted(blocks)
+    if order != list(range(1, len(order) + 1)):
+      raise ValueError(f'stack_blocks: expected block_1..block_{len(order)}, got {order}.')
+    out[SCANNED] = jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in order])
+  return out
+
+
+def unstack_blocks(tree):
+  """Converts a variable tree from the scanned layout to the unrolled one (inverse of stack)."""
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {}
+  for key, value in tree.items():
+    if key == SCANNED:
+      n = len(jax.tree.leaves(value)[0]) if jax.tree.leaves(value) else 0
+      for i in range(n):
+        out[f'block_{i + 1}'] = jax.tree.map(lambda a, i=i: a[i], value)
+    else:
+      out[key] = unstack_blocks(value)
+  return out

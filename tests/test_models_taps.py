@@ -1,0 +1,86 @@
+"""Tests of `block_taps` / `stem_tap`: one array per block, in network order, scanned or not."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxnorm.models import ResidualMLP, block_taps, cifar_resnet, stem_tap, unstack_blocks
+
+
+def test_natural_numeric_order_and_scanned_leaves_unstacked():
+  # block_10 after block_2; scanned_blocks (= blocks 1..n-1) after block_0; stages in order.
+  tree = {'stage_1': {'block_0': {'skip': (jnp.full(1, 30.0),)},
+                      'scanned_blocks': {'skip': (jnp.array([[31.0], [32.0]]),)}},
+          'stage_0': {f'block_{i}': {'skip': (jnp.full(1, float(i)),)} for i in (10, 2, 0, 1)},
+          'stem': (jnp.full(1, -1.0),)}
+  got = [float(a[0]) for a in block_taps(tree, 'skip')]
+  assert got == [0, 1, 2, 10, 30, 31, 32]
+  assert float(stem_tap(tree)[0]) == -1.0
+  # Gradient trees hold arrays, not sow tuples.
+  grads = {'block_0': {'skip': jnp.ones(2)}, 'scanned_blocks': {'skip': jnp.zeros((3, 2))}}
+  assert [float(a[0]) for a in block_taps(grads, 'skip')] == [1, 0, 0, 0]
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_residual_mlp_taps_are_in_network_order(scan):
+  # Without a gain, skip_l = skip_{l-1} + branch_l: only the true order satisfies it.
+  depth = 12
+  model = ResidualMLP(depth=depth, width=8, norm='none', scan=scan)
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5))
+  variables = model.init(jax.random.PRNGKey(1), x)
+  _, state = model.apply(variables, x, mutable=['intermediates'])
+  tree = state['intermediates']
+  skips, branches = block_taps(tree, 'skip'), block_taps(tree, 'branch')
+  assert len(skips) == len(branches) == depth
+  prev = stem_tap(tree)
+  for s, b in zip(skips, branches, strict=True):
+    np.testing.assert_allclose(s, prev + b, rtol=1e-6, atol=1e-6)
+    prev = s
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_perturbation_gradients_are_the_skip_path_gradients(scan):
+  # loss = sum(skip_L) with skip_L = skip_{L-1} + relu(skip_{L-1}) W + b, so
+  # d loss / d skip_{L-1} = 1 + (1 W^T) * [skip_{L-1} > 0] and d loss / d skip_L = 1.
+  depth = 11
+  model = ResidualMLP(depth=depth, width=6, norm='none', num_classes=6, scan=scan)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6))
+  variables = model.init(jax.random.PRNGKey(1), x)
+
+  def forward(perturbations):
+    _, state = model.apply({'params': variables['params'], 'perturbations': perturbations}, x,
+                           mutable=['intermediates'])
+    return state['intermediates']
+
+  def last_skip_sum(perturbations):
+    return jnp.sum(block_taps(forward(perturbations), 'skip')[-1])
+
+  grads = jax.jit(jax.grad(last_skip_sum))(variables['perturbations'])
+  taps = block_taps(grads, 'skip')
+  assert len(taps) == depth
+  np.testing.assert_array_equal(taps[-1], np.ones((2, 6)))
+  skip_prev = np.asarray(block_taps(forward(variables['perturbations']), 'skip')[-2])
+  w = unstack_blocks(variables['params'])[f'block_{depth - 1}']['dense']['kernel']
+  expected = 1.0 + np.ones((2, 6)) @ np.asarray(w).T * (skip_prev > 0)
+  np.testing.assert_allclose(taps[-2], expected, rtol=1e-5, atol=1e-6)
+  assert stem_tap(grads).shape == (2, 6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('scan', [False, True])
+def test_resnet_taps_one_per_block_and_instrumentation_leaves_outputs_unchanged(scan):
+  model = cifar_resnet(20, width=4, norm='batch_norm', scan=scan)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+  variables = model.init(jax.random.PRNGKey(1), x)
+  plain = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+  y0 = model.apply(plain, x)
+  y1, state = model.apply(variables, x, mutable=['intermediates'])
+  np.testing.assert_array_equal(y0, y1)
+  tree = state['intermediates']
+  skips = block_taps(tree, 'skip')
+  assert [s.shape for s in skips] == [(2, 8, 8, 4)] * 3 + [(2, 4, 4, 8)] * 3 + [(2, 2, 2, 16)] * 3
+  assert len(block_taps(tree, 'branch')) == 9
+  assert stem_tap(tree).shape == (2, 8, 8, 4)
