@@ -204,8 +204,10 @@ def test_scaled_ws_and_pws_parameters_and_initializers():
   assert set(v) == {'kernel', 'bias', 'gain'}
   np.testing.assert_array_equal(v['gain'], np.ones(256))
   np.testing.assert_array_equal(v['bias'], np.zeros(256))
-  # variance_scaling(1.0, fan_in, normal): std sqrt(1/576) (a truncated normal would give 0.88x).
+  # variance_scaling(1.0, fan_in, normal): std sqrt(1/576), not truncated (LeCun normal would cut
+  # at about 2.3 std).
   np.testing.assert_allclose(np.std(v['kernel']), np.sqrt(1 / 576), rtol=0.02)
+  assert np.max(np.abs(v['kernel'])) > 3 * np.sqrt(1 / 576)
   for mode, fan in [('fan_in', 576), ('fan_out', 9 * 256)]:
     p = PWSConv(features=256, kernel_size=(3, 3), mode=mode).init(jax.random.key(1), x)['params']
     assert set(p) == {'kernel', 'bias', 'alpha'}

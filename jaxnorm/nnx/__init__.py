@@ -15,3 +15,8 @@ from jaxnorm.nnx.backward_grad_norm import BackwardGradNorm as BackwardGradNorm
 from jaxnorm.nnx.skip_init import SkipInit as SkipInit
 
 # --- Convolutions: Conv, WSConv, ScaledWSConv, PWSConv ---
+# isort: split
+from jaxnorm.nnx.conv import Conv as Conv
+from jaxnorm.nnx.conv import PWSConv as PWSConv
+from jaxnorm.nnx.conv import ScaledWSConv as ScaledWSConv
+from jaxnorm.nnx.conv import WSConv as WSConv
