@@ -272,6 +272,16 @@ class MultiDeviceTest(parameterized.TestCase):
     for a, b in zip(g_sh, g_full, strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
+  def test_one_example_per_device_is_enough_when_statistics_are_global(self):
+    # 8 examples on 8 devices: 1 value per channel per device, 8 per channel globally.
+    mesh = jax.make_mesh((8,), ('batch',))
+    x, scale, bias, _ = _inputs((8, 3), (0,))
+    fn = jax.shard_map(lambda x: batch_norm(x, scale, bias, axis_name='batch')[0], mesh=mesh,
+                       in_specs=P('batch'), out_specs=P('batch'))
+    y = jax.jit(fn)(jax.device_put(x, NamedSharding(mesh, P('batch'))))
+    np.testing.assert_allclose(y, _np_batch_norm(x, scale, bias, (0,), 1e-5), rtol=1e-5,
+                               atol=1e-5)
+
   def test_pmap_axis_index_groups_normalize_each_group_separately(self):
     shape, axes = (16, 3), (0,)
     x, scale, bias, _ = _inputs(shape, axes)
