@@ -5,6 +5,8 @@ running statistics), in the style of Flax's own linen/nnx consistency tests; and
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,7 +32,8 @@ def _params(c):
 
 
 def _run_linen(module, params, xs, w, mask):
-  stats = module.init(jax.random.key(1), xs[0], use_running_average=False)['batch_stats']
+  stats = jax.jit(functools.partial(module.init, use_running_average=False))(
+      jax.random.key(1), xs[0])['batch_stats']
 
   @jax.jit
   def step(params, stats, x):
@@ -45,7 +48,8 @@ def _run_linen(module, params, xs, w, mask):
   for x in xs:
     y, grads, stats = step(params, stats, x)
     outs.append((y, grads[0], grads[1]['scale'], grads[1]['bias']))
-  y_eval = module.apply({'params': params, 'batch_stats': stats}, xs[0], use_running_average=True)
+  y_eval = jax.jit(functools.partial(module.apply, use_running_average=True))(
+      {'params': params, 'batch_stats': stats}, xs[0])
   return outs, (stats['mean'], stats['var']), y_eval
 
 
