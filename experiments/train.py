@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file (path[:arg]).',
@@ -44,6 +44,8 @@ def parse_flags(argv):
 
 def main(argv):
   del argv
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax and JAX log every save at INFO.
   import jax
 
   if _MULTIHOST.value:

@@ -58,16 +58,11 @@ def _metrics(workdir):
 
 def _reference_run(tmp_path, workdir):
   """The uninterrupted run, in this process, on the same 2 devices the launcher runs on."""
-  import importlib.util
-
   import jax
 
   from jaxnorm.training import train
 
-  spec = importlib.util.spec_from_file_location('quickstart', QUICKSTART)
-  quickstart = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(quickstart)
-  config = quickstart.get_config('smoke')
+  config = _load_quickstart().get_config('smoke')
   for flag in SMALL_RUN:
     key, value = flag[len('--config.'):].split('=')
     target = config
@@ -136,3 +131,36 @@ def test_missing_tfds_dataset_exits_with_instructions(tmp_path):
       env=_env(tmp_path), capture_output=True, text=True, timeout=120)
   assert out.returncode == 1 and 'Traceback' not in out.stderr
   assert 'tfds build cifar10 --file_format=array_record' in out.stderr
+
+
+def _load_quickstart():
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location('quickstart', QUICKSTART)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.slow
+def test_quickstart_model_beats_chance_by_far_within_a_third_of_the_smoke_run(tmp_path):
+  import jax
+
+  from jaxnorm.training import train
+
+  config = _load_quickstart().get_config('smoke')
+  # A third of the smoke run keeps this test short; the full smoke run is in the README numbers.
+  config.progress_bar, config.total_steps, config.eval_every = False, 40, 0
+  summary = train(config, str(tmp_path), devices=jax.devices()[:1])
+  assert summary['step'] == config.total_steps
+  assert summary['eval_accuracy'] > 0.5  # 10 classes: chance is 0.1.
+
+
+def test_quickstart_config_is_valid_and_rejects_unknown_args():
+  from jaxnorm.training import validate_config
+
+  quickstart = _load_quickstart()
+  for arg in ('', 'smoke'):
+    validate_config(quickstart.get_config(arg), num_devices=8)
+  with pytest.raises(ValueError, match="expected '' or 'smoke'"):
+    quickstart.get_config('large')

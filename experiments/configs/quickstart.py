@@ -22,7 +22,6 @@ def get_config(arg: str = ''):
   c.model.name = 'cifar_resnet'
   c.model.depth = 8
   c.model.norm = 'batch_norm'
-  c.model.skip_init = False
   c.batch_size = 64
   c.eval_batch_size = 304  # 297 test images in one padded batch; a multiple of 8 devices.
   c.optimizer.name = 'sgd'

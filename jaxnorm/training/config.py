@@ -50,7 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
       {'shape': (8, 8, 1), 'num_classes': 10, 'num_examples': 1024})
 
   c.model = ml_collections.ConfigDict(
-      {'name': 'cifar_resnet', 'depth': 8, 'norm': 'batch_norm', 'skip_init': False})
+      {'name': 'cifar_resnet', 'depth': 8, 'norm': 'batch_norm'})
 
   c.seed = 0
   c.batch_size = 128

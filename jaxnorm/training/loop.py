@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -143,7 +144,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model=None,
   iterator = data_lib.BatchIterator(train_ds, config.batch_size, seed=config.seed,
                                     train=config.augment)
   example = np.zeros((config.batch_size, *train_ds.image_shape), np.float32)
-  state = steps.create_train_state(model, tx, example, config.seed, mesh)
+  try:
+    state = steps.create_train_state(model, tx, example, config.seed, mesh)
+  except (TypeError, ValueError) as e:
+    # jaxnorm layers check their arguments when first called: report a rejected model field
+    # ("<layer>: argument `x` expected ..., got ...") as a config error naming it.
+    found = re.search(r'argument `(\w+)` expected', str(e))
+    if found is None:
+      raise
+    field = found.group(1)
+    raise config_lib.ConfigError(
+        f'model.{field}' if field in config.model else 'model',
+        str(e).splitlines()[0].split(' expected ', 1)[-1].rsplit(', got ', 1)[0],
+        config.model.get(field, str(e).splitlines()[0])) from None
 
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'),
                       max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints)
