@@ -8,32 +8,12 @@ References:
 
 from __future__ import annotations
 
-import math
-from numbers import Real
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxnorm.functional import _checks
-
-
-def check_init_value(init_value, layer: str = 'SkipInit') -> None:
-  """Raises unless ``init_value`` is a finite real Python number."""
-  if not isinstance(init_value, Real) or isinstance(init_value, bool):
-    _checks.fail(layer, 'init_value', 'a finite Python float (0.0 or 1/sqrt(num_blocks))',
-                 f'{type(init_value).__name__} {init_value!r}', TypeError)
-  if not math.isfinite(init_value):
-    _checks.fail(layer, 'init_value', 'a finite Python float', repr(init_value))
-
-
-def scale_branch(x, gain, dtype):
-  """``alpha * f(x)``: computed in the promoted dtype of ``x`` and ``gain``, returned in ``dtype``
-  (``x.dtype`` when None)."""
-  _checks.check_floating('SkipInit', 'x', x)
-  out_dtype = x.dtype if dtype is None else dtype
-  compute = jnp.promote_types(x.dtype, gain.dtype)
-  return (x.astype(compute) * gain.astype(compute)).astype(out_dtype)
+from jaxnorm.functional.skip_init import check_init_value, scale_branch
 
 
 class SkipInit(nn.Module):

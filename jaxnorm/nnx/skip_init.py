@@ -12,7 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxnorm.linen.skip_init import check_init_value, scale_branch
+from jaxnorm.functional.skip_init import check_init_value, scale_branch
 
 
 class SkipInit(nnx.Module):
