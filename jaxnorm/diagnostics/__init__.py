@@ -1,0 +1,27 @@
+"""Diagnostics: how signal and gradient propagate through any jaxnorm model, beside theory.
+
+- ``signal_propagation``: per-block forward SPPs and backward gradient statistics in one pass.
+- ``theory``: closed-form predictions (De & Smith, NF-ResNets, Panigrahi, Bjorck, PWS).
+- ``sweeps``: relative-loss sweeps, channel statistics by depth, logit-gradient maps (Bjorck).
+- ``spectra``: singular values of random-matrix products and of layer Jacobians (Bjorck).
+- ``weights``: the PWS "shift" statistic of a kernel.
+- ``plots``: per-block figures, one line per normalization, theory dashed.
+
+References: papers.md §0-§5b.
+"""
+
+from jaxnorm.diagnostics import theory as theory
+from jaxnorm.diagnostics.signal_propagation import SignalReport as SignalReport
+from jaxnorm.diagnostics.signal_propagation import TapStats as TapStats
+from jaxnorm.diagnostics.signal_propagation import signal_propagation as signal_propagation
+from jaxnorm.diagnostics.spectra import (
+  gaussian_product_singular_values as gaussian_product_singular_values,
+)
+from jaxnorm.diagnostics.spectra import jacobian_singular_values as jacobian_singular_values
+from jaxnorm.diagnostics.spectra import layer_jacobian_spectra as layer_jacobian_spectra
+from jaxnorm.diagnostics.sweeps import channel_stats_by_depth as channel_stats_by_depth
+from jaxnorm.diagnostics.sweeps import classification_loss_fn as classification_loss_fn
+from jaxnorm.diagnostics.sweeps import divergence_step_size as divergence_step_size
+from jaxnorm.diagnostics.sweeps import logit_gradient_map as logit_gradient_map
+from jaxnorm.diagnostics.sweeps import relative_loss_sweep as relative_loss_sweep
+from jaxnorm.diagnostics.weights import shift_statistic as shift_statistic

@@ -1,0 +1,101 @@
+"""Matplotlib figures of per-block signal propagation: one line per normalization, theory dashed.
+
+Uses the non-interactive Agg backend (no display needed) and writes PNG files.
+
+References:
+  Brock, De & Smith 2021a (signal propagation plots), papers.md §0; De & Smith 2020 (§3);
+  Panigrahi et al. 2018 (§1).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxnorm.functional._checks import fail  # noqa: E402
+
+_LAYER = 'jaxnorm.diagnostics.plots'
+
+
+def plot_per_block(ax, curves: Mapping[str, Sequence[float]],
+                   theory: Mapping[str, Sequence[float]] | None = None, *, title: str = '',
+                   ylabel: str = '', xlabel: str = 'block (0 = stem)', logy: bool = True) -> None:
+  """Draws one solid line per normalization and its theory curve dashed, in the same colour.
+
+  Args:
+    ax: a matplotlib Axes.
+    curves: normalization name -> per-block values (index 0 = stem).
+    theory: normalization name -> predicted per-block values (same indexing); optional.
+    title: panel title.
+    ylabel: y-axis label.
+    xlabel: x-axis label.
+    logy: log-scale y axis (non-positive values are masked).
+
+  References:
+    Brock et al. 2021a SPPs (papers.md §0).
+  """
+  theory = theory or {}
+  cycle = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  for i, (name, ys) in enumerate(curves.items()):
+    color = cycle[i % len(cycle)]
+    ys = np.asarray(ys, np.float64)
+    if logy:
+      ys = np.where(ys > 0, ys, np.nan)
+    ax.plot(np.arange(len(ys)), ys, '-', color=color, lw=1.6, label=name)
+    if name in theory and theory[name] is not None:
+      th = np.asarray(theory[name], np.float64)
+      if logy:
+        th = np.where(th > 0, th, np.nan)
+      ax.plot(np.arange(len(th)), th, '--', color=color, lw=1.0, alpha=0.9)
+  if logy:
+    ax.set_yscale('log')
+  ax.set_title(title, fontsize=10)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(True, which='major', alpha=0.3)
+
+
+def save_per_block_figure(path: str, panels: Sequence[Mapping], *, ncols: int = 2,
+                          suptitle: str = '') -> str:
+  """Saves a grid of ``plot_per_block`` panels as a PNG and returns its path.
+
+  Args:
+    path: output file (its directory is created).
+    panels: one mapping per panel with keys ``curves``, and optionally ``theory``, ``title``,
+      ``ylabel``, ``logy``.
+    ncols: panels per row.
+    suptitle: figure title; a note "dashed: theory" is appended.
+
+  Returns:
+    ``path``.
+
+  References:
+    Brock et al. 2021a SPPs (papers.md §0).
+  """
+  if not panels:
+    fail(_LAYER, 'panels', 'at least one panel', panels)
+  n = len(panels)
+  ncols = min(ncols, n)
+  nrows = -(-n // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.8 * nrows), squeeze=False)
+  for ax, panel in zip(axes.flat, panels, strict=False):
+    plot_per_block(ax, panel['curves'], panel.get('theory'), title=panel.get('title', ''),
+                   ylabel=panel.get('ylabel', ''), logy=panel.get('logy', True))
+  for ax in list(axes.flat)[n:]:
+    ax.set_visible(False)
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc='lower center', ncol=min(len(labels), 7), fontsize=8,
+             frameon=False)
+  fig.suptitle((suptitle + '   ' if suptitle else '') + '(solid: measured, dashed: theory)',
+               fontsize=11)
+  fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
