@@ -279,6 +279,38 @@ def _standardize_closed_form(gaxes, epsilon, axis_name, axis_index_groups, x_dty
 
 
 # ----------------------------------------------------------------------------------------------
+# Layer helpers (shared by the linen and NNX modules)
+# ----------------------------------------------------------------------------------------------
+
+
+def split_axes(ndim: int, axis) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Returns ``(feature_axes, reduction_axes)`` for the feature axis (or axes) ``axis``."""
+  if isinstance(axis, int):
+    axis = (axis,)
+  feature_axes = tuple(sorted({a % ndim for a in axis}))
+  return feature_axes, tuple(a for a in range(ndim) if a not in feature_axes)
+
+
+def resolve_dtypes(x, scale, bias, dtype, force_float32_reductions: bool):
+  """``(output dtype, statistics dtype)`` by the rules of ``flax.linen.BatchNorm``.
+
+  The output dtype is ``dtype`` or else the promotion of the input and parameters (float32 for a
+  bf16 input with float32 parameters, as in ``flax.linen.BatchNorm``); statistics are computed in
+  ``dtype`` or the input dtype, promoted to at least float32 if ``force_float32_reductions``.
+  """
+  if dtype is None:
+    out_dtype = jnp.result_type(*(a for a in (x, scale, bias) if a is not None))
+    if not jnp.issubdtype(out_dtype, jnp.inexact):
+      out_dtype = jnp.promote_types(out_dtype, jnp.float32)
+  else:
+    out_dtype = jnp.dtype(dtype)
+  stats_dtype = jnp.result_type(x) if dtype is None else jnp.dtype(dtype)
+  if force_float32_reductions:
+    stats_dtype = jnp.promote_types(stats_dtype, jnp.float32)
+  return out_dtype, stats_dtype
+
+
+# ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
 

@@ -16,32 +16,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen import dtypes
 from flax.typing import Dtype, Initializer
 
-from jaxnorm.functional.batch_norm import batch_norm, normalize
-
-
-def split_axes(ndim: int, axis) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """Returns ``(feature_axes, reduction_axes)`` for the feature axis (or axes) ``axis``."""
-  if isinstance(axis, int):
-    axis = (axis,)
-  feature_axes = tuple(sorted({a % ndim for a in axis}))
-  return feature_axes, tuple(a for a in range(ndim) if a not in feature_axes)
-
-
-def resolve_dtypes(x, scale, bias, dtype, force_float32_reductions: bool):
-  """Flax's dtype rules: ``(output dtype, statistics dtype)``.
-
-  The output dtype is ``dtype`` or else the promotion of the input and parameters (float32 for a
-  bf16 input with float32 parameters, as in ``flax.linen.BatchNorm``); statistics are computed in
-  ``dtype`` or the input dtype, promoted to at least float32 if ``force_float32_reductions``.
-  """
-  out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=dtype)
-  stats_dtype = jnp.result_type(x) if dtype is None else jnp.dtype(dtype)
-  if force_float32_reductions:
-    stats_dtype = jnp.promote_types(stats_dtype, jnp.float32)
-  return out_dtype, stats_dtype
+from jaxnorm.functional.batch_norm import batch_norm, normalize, resolve_dtypes, split_axes
 
 
 class BatchNorm(nn.Module):

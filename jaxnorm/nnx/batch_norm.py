@@ -16,8 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
-from jaxnorm.functional.batch_norm import batch_norm, normalize
-from jaxnorm.linen.batch_norm import resolve_dtypes, split_axes
+from jaxnorm.functional.batch_norm import batch_norm, normalize, resolve_dtypes, split_axes
 
 
 class BatchNorm(nnx.Module):
