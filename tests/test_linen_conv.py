@@ -26,9 +26,7 @@ def _loss_and_grads(layer, variables, x):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('kwargs,custom_backward', [
-    (dict(kernel_size=(3, 3)), True),
-    (dict(kernel_size=(3, 3)), False),
-    (dict(kernel_size=(3, 3), strides=2, padding='VALID'), True),
+    (dict(kernel_size=(3, 3), strides=2, padding='VALID'), False),
     (dict(kernel_size=(1, 1), strides=2, use_bias=False), True),
     (dict(kernel_size=(7, 7), strides=2, padding=((3, 2), (1, 3))), True),
     (dict(kernel_size=(3, 3), kernel_dilation=2, padding='CIRCULAR'), True),
@@ -85,10 +83,10 @@ def test_conv_under_nn_scan_and_remat_equals_autodiff():
   grads = []
   for cb, remat in [(True, True), (False, False)]:
     block = nn.remat(_Block) if remat else _Block
-    stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True}, length=3)
+    stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True}, length=2)
     model = stack(custom_backward=cb)
     variables = model.init(jax.random.key(0), x, None)
-    assert variables['params']['Conv_0']['kernel'].shape == (3, 3, 3, 4, 4)
+    assert variables['params']['Conv_0']['kernel'].shape == (2, 3, 3, 4, 4)
     loss = lambda v, x, model=model: jnp.sum(model.apply(v, x, None)[0] ** 2)
     grads.append(jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, x))
   chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
@@ -137,27 +135,6 @@ LAYERS = [
 ]
 
 
-@pytest.mark.parametrize('kind,make', LAYERS)
-def test_standardized_conv_equals_conv_of_standardized_kernel(kind, make):
-  x = _x((3, 7, 6, 4))
-  layer = make(features=5, kernel_size=(3, 3), strides=2)
-  variables = layer.init(jax.random.key(0), x)
-  assert set(variables) == {'params'}  # no running statistics: eval kernel == train kernel
-  # Random per-channel scales and bias, so that every parameter matters.
-  variables = jax.tree.map(lambda p: p + 0.3 * _x(p.shape, seed=p.size), variables)
-  params = variables['params']
-  y = layer.apply(variables, x)
-  np.testing.assert_allclose(y, _ref_output(x, params, kind, layer, 2, 'SAME'),
-                             rtol=1e-4, atol=1e-4)
-  # The raw kernel stays in params; the standardized one is not written back.
-  assert not np.allclose(np.asarray(params['kernel']).reshape(-1, 5).mean(0), 0.0, atol=1e-3)
-  _, state = layer.apply(variables, x, mutable=True)
-  chex.assert_trees_all_equal(state, variables)
-  # Output of sample i does not depend on the other samples.
-  per_sample = np.concatenate([layer.apply(variables, x[i:i + 1]) for i in range(3)])
-  np.testing.assert_allclose(y, per_sample, rtol=1e-5, atol=1e-5)
-
-
 def _independent_loss(kind, layer, strides):
   """Autodiff-able jnp version of the layer (direct formulas + lax conv), for gradient checks."""
   def apply(params, x):
@@ -183,23 +160,36 @@ def _independent_loss(kind, layer, strides):
 
 
 @pytest.mark.parametrize('kind,make', LAYERS)
-def test_standardized_conv_gradients_equal_independent_autodiff(kind, make):
-  x = _x((2, 6, 6, 3))
-  layer = make(features=4, kernel_size=(3, 3), strides=2)
+def test_standardized_conv_outputs_and_gradients_equal_independent_reference(kind, make):
+  x = _x((3, 7, 6, 4))
+  layer = make(features=5, kernel_size=(3, 3), strides=2)
   variables = layer.init(jax.random.key(0), x)
+  assert set(variables) == {'params'}  # no running statistics: eval kernel == train kernel
+  # Random per-channel scales and bias, so that every parameter matters.
   variables = jax.tree.map(lambda p: p + 0.3 * _x(p.shape, seed=p.size), variables)
+  params = variables['params']
+  y = layer.apply(variables, x)
+  np.testing.assert_allclose(y, _ref_output(x, params, kind, layer, 2, 'SAME'),
+                             rtol=1e-4, atol=1e-4)
+  # The raw kernel stays in params; the standardized one is not written back.
+  assert not np.allclose(np.asarray(params['kernel']).reshape(-1, 5).mean(0), 0.0, atol=1e-3)
+  _, state = layer.apply(variables, x, mutable=True)
+  chex.assert_trees_all_equal(state, variables)
+  # Output of sample i does not depend on the other samples.
+  per_sample = np.concatenate([layer.apply(variables, x[i:i + 1]) for i in range(3)])
+  np.testing.assert_allclose(y, per_sample, rtol=1e-5, atol=1e-5)
+  # Gradients equal autodiff of a direct jnp formula + lax conv.
   _, (got, gx) = _loss_and_grads(layer, variables, x)
-  want, wx = jax.jit(jax.grad(_independent_loss(kind, layer, 2), argnums=(0, 1)))(
-      variables['params'], x)
-  chex.assert_trees_all_close(got['params'], want, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(gx, wx, rtol=1e-4, atol=1e-5)
+  want, wx = jax.jit(jax.grad(_independent_loss(kind, layer, 2), argnums=(0, 1)))(params, x)
+  chex.assert_trees_all_close(got['params'], want, rtol=1e-4, atol=1e-4)  # |grad| up to ~10
+  np.testing.assert_allclose(gx, wx, rtol=1e-4, atol=1e-4)
   # The average-gradient component of every filter is projected out.
-  gk = np.asarray(got['params']['kernel']).reshape(-1, 4)
+  gk = np.asarray(got['params']['kernel']).reshape(-1, 5)
   np.testing.assert_allclose(gk.sum(0), 0.0, atol=1e-5 * np.abs(gk).sum(0).max())
 
 
 def test_scaled_ws_and_pws_parameters_and_initializers():
-  x = _x((1, 5, 5, 64))
+  x = _x((1, 3, 3, 64))
   v = ScaledWSConv(features=256, kernel_size=(3, 3)).init(jax.random.key(0), x)['params']
   assert set(v) == {'kernel', 'bias', 'gain'}
   np.testing.assert_array_equal(v['gain'], np.ones(256))
@@ -236,8 +226,7 @@ def test_pws_init_alpha_gives_preactivation_variance_two(gamma, mode, equiv):
 
 def test_standardized_conv_bfloat16():
   x = _x((2, 6, 6, 8), dtype=jnp.bfloat16)
-  for layer in [WSConv(4, (3, 3), dtype=jnp.bfloat16),
-                ScaledWSConv(4, (3, 3), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16),
+  for layer in [ScaledWSConv(4, (3, 3), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16),
                 PWSConv(4, (3, 3), dtype=jnp.bfloat16, init_alpha=True)]:
     variables = layer.init(jax.random.key(0), x)
     y = layer.apply(variables, x)
