@@ -169,14 +169,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model=None,
     window = extra['window']
     print(f'Resuming from checkpoint {ckpt.path(last_ckpt)} (step {last_ckpt}).', flush=True)
   step = int(jax.device_get(state.step))
+  # Only host 0 writes metrics (every host computes the same global values).
+  primary = jax.process_index() == 0
   jsonl = JsonlWriter(os.path.join(workdir, 'metrics.jsonl'),
-                      resume_step=step if restored is not None else None)
-  events = EventWriter(os.path.join(workdir, 'tensorboard'))
+                      resume_step=step if restored is not None else None) if primary else None
+  events = EventWriter(os.path.join(workdir, 'tensorboard')) if primary else None
   compute_dtype = jnp.dtype(config.compute_dtype)
   train_step = steps.make_train_step(model, tx, mesh, label_smoothing=config.label_smoothing,
                                      compute_dtype=compute_dtype)
   eval_step = steps.make_eval_step(model, mesh, compute_dtype=compute_dtype)
-  progress = Progress(total, initial=step, enabled=config.progress_bar)
+  progress = Progress(total, initial=step, enabled=config.progress_bar and primary)
   hang_at = int(os.environ.get(HANG_ENV, '-1'))
 
   summary: dict[str, Any] = {'step': step}
@@ -199,9 +201,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model=None,
       # Fetch the pending per-step metrics (one host sync per event, not per step).
       for s, m in jax.device_get(pending):
         if not math.isfinite(float(m['loss'])):
-          jsonl.write({'step': s, 'train_loss': float(m['loss']), 'diverged': True,
-                       'learning_rate': float(schedule(s - 1)), 'last_good_checkpoint':
-                       last_ckpt})
+          if jsonl is not None:
+            jsonl.write({'step': s, 'train_loss': float(m['loss']), 'diverged': True,
+                         'learning_rate': float(schedule(s - 1)), 'last_good_checkpoint':
+                         last_ckpt})
           raise NonFiniteLossError(s, last_ckpt, ckpt.path(last_ckpt))
         window['loss'] += float(m['loss'])
         window['accuracy'] += float(m['accuracy'])
@@ -228,8 +231,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model=None,
         record.update(step=step, **evaluate(eval_step, state, test_ds, config.eval_batch_size,
                                             mesh))
       if record:
-        jsonl.write(record)
-        events.scalars(step, {k: v for k, v in record.items() if k != 'step'})
+        if primary:
+          jsonl.write(record)
+          events.scalars(step, {k: v for k, v in record.items() if k != 'step'})
         summary.update(record)
       if is_ckpt:
         ckpt.save(step, state, {'data': iterator.get_state(), 'window': window})
@@ -241,11 +245,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model=None,
           time.sleep(1)
   finally:
     progress.close()
-    events.close()
+    if events is not None:
+      events.close()
     ckpt.close()
   summary['step'] = step
   summary['examples_per_second'] = float(np.median(rates)) if rates else summary.get(
       'examples_per_second')
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+  if primary:
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2)
   return summary
