@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from benchmarks.common import (
   Sizes,
   cifar_batch,
+  emit,
   init_variables,
   new_table,
   ratio_rows,
@@ -44,6 +45,7 @@ def run(sizes: Sizes) -> list[Table]:
                                           variables)
                      for b in ('none', 'layer')}, repeats=sizes.repeats * 4, warmup=sizes.warmup)
   table.rows += ratio_rows(res, next(iter(res)), TARGET)
+  emit(table)  # partial: the MLP rows
 
   x, y = cifar_batch(sizes.batch, sizes.image)
   variables = init_variables(cifar_resnet(sizes.resnet56, width=sizes.width), x)

@@ -40,6 +40,19 @@ SMOKE = Sizes(smoke=True, repeats=1, warmup=0, batch=4, width=4, image=8, resnet
               resnet56=8, mlp_depth=4)
 
 
+_EMITTED: list[Table] = []
+_EMIT = [None]
+
+
+def emit(table: Table) -> Table:
+  """Logs a finished table at once (``run.py`` installs the logger), so a long run that is
+  interrupted still leaves every table it finished. Returns the table."""
+  if _EMIT[0] is not None:
+    _EMIT[0](table.to_markdown())
+    _EMITTED.append(table)
+  return table
+
+
 def cifar_batch(batch: int, image: int, num_classes: int = 10, seed: int = 0):
   """A fixed random CIFAR-shaped batch ``(x: (B, H, W, 3) float32, y: (B,) int32)``."""
   kx, ky = jax.random.split(jax.random.PRNGKey(seed))

@@ -15,7 +15,7 @@ References: issue 6 item 4; ECOSYSTEM.md "Depth: scan vs unrolled (XLA:CPU)".
 
 from __future__ import annotations
 
-from benchmarks.common import Sizes, cifar_batch, init_variables, train_step_candidate
+from benchmarks.common import Sizes, cifar_batch, emit, init_variables, train_step_candidate
 from benchmarks.timing import Table, interleaved, verdict
 from jaxnorm.models import cifar_resnet, unstack_blocks
 from jaxnorm.models.stacking import default_scan
@@ -70,4 +70,5 @@ def run(sizes: Sizes) -> list[Table]:
     if default is False and 'unrolled' not in res:
       table.rows.append([depth, 'unrolled', 'yes', 'not attempted', '', '', '',
                          'step missed (default path does not compile at this depth)'])
+    emit(table)  # partial table after every depth (the last one is complete)
   return [table]

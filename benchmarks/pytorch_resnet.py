@@ -30,6 +30,7 @@ import flax.linen as nn
 from benchmarks.common import (
   Sizes,
   cifar_batch,
+  emit,
   init_variables,
   new_table,
   ratio_rows,
@@ -187,6 +188,7 @@ def run(sizes: Sizes) -> list[Table]:
     'PyTorch compile s = its first call (no compilation; allocator and oneDNN warm-up).',
   ], memory=False)
   main.rows += ratio_rows(res, TORCH, TARGET, memory=False)
+  emit(main)
 
   w, d = sizes.width, sizes.resnet20
   parts = {
@@ -210,6 +212,7 @@ def run(sizes: Sizes) -> list[Table]:
     'forward, the conv backward (step - forward) and BatchNorm (BN step - no-BN step).',
   ], memory=False)
   split.rows += ratio_rows(res, 'PyTorch step (BN)', None, memory=False)
+  emit(split)
   tables = [main, split]
   if not sizes.smoke:
     tables.append(flag_study(sizes))
