@@ -164,6 +164,17 @@ def test_forward_mode_needs_custom_backward_false():
   np.testing.assert_allclose(tangent, conv(x, w))  # conv is linear in w
 
 
+def test_hessian_and_reverse_over_reverse_equal_autodiff():
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(1, 5, 4, 2)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 2, 2)), jnp.float32)
+  f = lambda cb: (lambda w: jnp.sum(jnp.sin(conv(x, w, strides=2, custom_backward=cb))))
+  np.testing.assert_allclose(jax.jit(jax.hessian(f(True)))(w), jax.jit(jax.hessian(f(False)))(w),
+                             rtol=1e-5, atol=1e-5)
+  gg = lambda cb: jax.grad(lambda w: jnp.sum(jax.grad(f(cb))(w) ** 2))
+  np.testing.assert_allclose(jax.jit(gg(True))(w), jax.jit(gg(False))(w), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize('kwargs,match', [
     (dict(feature_group_count=2), 'feature_group_count'),
     (dict(padding='FULL'), 'padding'),

@@ -23,8 +23,9 @@ ECOSYSTEM.md "Depth: scan vs unrolled"). The gradients are the same function as 
 What the custom VJP rules out: forward-mode AD (``jax.jvp``, ``jax.jacfwd``, evaluating
 ``jax.linearize``) raises "can't apply forward-mode autodiff (jvp) to a custom_vjp function".
 Pass ``custom_backward=False`` to get plain ``lax.conv_general_dilated`` (autodiff backward) there.
-Reverse mode, ``jax.hessian`` (forward-over-reverse goes through the VJP's own ops, which are
-ordinary convolutions), ``vmap``, ``lax.scan`` and ``jax.checkpoint`` all work.
+Reverse mode, reverse-over-reverse, ``jax.hessian`` (forward-over-reverse differentiates the
+VJP's own ops, which are ordinary convolutions), ``vmap``, ``lax.scan`` and ``jax.checkpoint`` all
+work (tested).
 
 References:
   Layout finding: jaxnorm ECOSYSTEM.md, "Depth: scan vs unrolled (XLA:CPU)"; the padding algebra is
@@ -183,7 +184,8 @@ def _make_conv(strides, pads, dilation, precision, n):
     return _forward(x, w, strides, pads, dilation, precision, dn)
 
   def fwd(x, w):
-    return conv_fn(x, w), (x, w)
+    # The primal conv itself (not `conv_fn`), so forward-over-reverse (jax.hessian) works.
+    return _forward(x, w, strides, pads, dilation, precision, dn), (x, w)
 
   def bwd(res, g):
     x, w = res
