@@ -43,7 +43,8 @@ flags.DEFINE_integer('resnet_blocks', 100,
                      'CIFAR stem; one stage keeps the compile small and the theory free of '
                      'stage transitions).')
 flags.DEFINE_integer('resnet_width', 8, 'Channels of the ResNet (16 in He et al.).')
-flags.DEFINE_integer('mlp_depth', 128, 'Residual blocks of the residual MLP.')
+flags.DEFINE_integer('mlp_depth', 100, 'Residual blocks of the residual MLP (without normalization '
+                     'the variance doubles per block: beyond ~120 blocks float32 overflows).')
 flags.DEFINE_integer('mlp_width', 128, 'Width of the residual MLP.')
 flags.DEFINE_integer('batch_size', 32, 'Examples in the batch.')
 flags.DEFINE_integer('image_size', 8, 'Side of the N(0, 1) images (gaussian inputs only).')
@@ -171,6 +172,11 @@ def _growth(series):
   return (s[-1] / s[0]) ** (1 / (len(s) - 1))
 
 
+def _finite_or_none(row: dict) -> dict:
+  """The row with non-finite floats replaced by None (strict JSON)."""
+  return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
 def _fmt(v):
   if v is None or not math.isfinite(v):
     return '-'
@@ -211,9 +217,9 @@ def main(argv):
       t0 = time.time()
       model, stages = build(kind, norm, num_classes)
       xin = x if kind == 'resnet' else x.reshape(x.shape[0], -1)
-      variables = jax.jit(lambda k, m=model, xi=xin: m.init(k, xi, train=False))(
-        jax.random.PRNGKey(FLAGS.seed))
-      rep = signal_propagation(model, variables, xin, labels, train=True)
+      # Initialize inside the measurement's jitted computation: one compilation per model.
+      rep = signal_propagation(model, None, xin, labels, train=True,
+                               init_rng=jax.random.PRNGKey(FLAGS.seed))
       th = theory_curves(norm, rep, stages)
       var, gvar = rep.series('avg_var'), rep.series('grad_var')
       curves_v[norm], curves_g[norm] = var, gvar
@@ -230,6 +236,7 @@ def main(argv):
                               if th['grad_var'] is not None else None),
         'seconds': time.time() - t0,
       }
+      row = _finite_or_none(row)
       rows.append(row)
       results[kind][norm] = {
         'report': rep.to_dict(), 'summary': row,

@@ -191,6 +191,15 @@ def test_scanned_blocks_give_the_same_report_as_unrolled():
   assert len(block_taps({'a': {'skip': (jnp.ones((3, 2, 4)),)}}, 'skip')) == 1
 
 
+def test_initializing_inside_the_pass_equals_passing_initialized_variables():
+  model, variables, x, rep = _report(4)
+  rep_init = signal_propagation(model, None, x, init_rng=jax.random.key(0))
+  for field in ('avg_var', 'avg_sq_mean', 'grad_var', 'res_avg_var'):
+    np.testing.assert_allclose(rep_init.series(field), rep.series(field), rtol=1e-5)
+  with pytest.raises(ValueError, match='init_rng'):
+    signal_propagation(model, None, x)
+
+
 def test_uninstrumented_model_and_bad_labels_fail_fast():
   x = jnp.ones((4, 2))
   plain = _Plain()

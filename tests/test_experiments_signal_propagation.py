@@ -38,7 +38,7 @@ def test_bad_flags_exit_with_one_line_error(args, needle, tmp_path):
 
 @pytest.mark.slow
 def test_small_run_writes_both_figures_and_the_json_report(tmp_path):
-  proc = _run('--small', '--norms=batch_norm,none,skip_init_0,scaled_ws',
+  proc = _run('--small', '--norms=batch_norm,none,skip_init_0,scaled_ws', '--models=resnet,mlp',
               f'--output_dir={tmp_path}')
   assert proc.returncode == 0, proc.stderr[-2000:]
   for name in ('forward.png', 'backward.png'):

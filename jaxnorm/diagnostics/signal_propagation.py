@@ -151,9 +151,10 @@ def gaussian_logit_probe(shape, seed: int = PROBE_SEED) -> jax.Array:
   return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
 
 
-def signal_propagation(model: nn.Module, variables: Mapping[str, Any], x, labels=None, *,
+def signal_propagation(model: nn.Module, variables: Mapping[str, Any] | None, x, labels=None, *,
                        train: bool = True, rng: jax.Array | None = None,
-                       probe_seed: int = PROBE_SEED) -> SignalReport:
+                       probe_seed: int = PROBE_SEED,
+                       init_rng: jax.Array | None = None) -> SignalReport:
   """Forward and backward signal-propagation statistics of ``model`` on batch ``x``.
 
   One jitted forward + backward pass. The loss is the mean softmax cross-entropy of the logits
@@ -167,12 +168,15 @@ def signal_propagation(model: nn.Module, variables: Mapping[str, Any], x, labels
     model: a Flax linen module called as ``model.apply(variables, x, train=train, mutable=...)``
       that follows the instrumentation contract (module docstring).
     variables: its variables (``params`` and e.g. ``batch_stats``); any 'intermediates' or
-      'perturbations' in them are ignored and rebuilt for this batch.
+      'perturbations' in them are ignored and rebuilt for this batch. None: initialize the model
+      with ``model.init(init_rng, x, train=False)`` inside the same jitted computation (one
+      compilation instead of two, for measurements at initialization).
     x: input batch, floating point, batch first.
     labels: optional integer class labels ``(batch,)``.
     train: call the model in training mode (batch statistics).
     rng: optional PRNG key, passed as the 'dropout' rng.
     probe_seed: seed of the Gaussian logit probe (used without labels).
+    init_rng: PRNG key for the initialization when ``variables`` is None.
 
   Returns:
     A ``SignalReport``.
@@ -193,23 +197,45 @@ def signal_propagation(model: nn.Module, variables: Mapping[str, Any], x, labels
     if jnp.shape(labels)[0] != jnp.shape(x)[0]:
       fail(_LAYER, 'labels', f'{jnp.shape(x)[0]} labels (one per example)',
            f'{jnp.shape(labels)[0]}')
-  if 'params' not in variables:
-    fail(_LAYER, 'variables', "a variable dict with a 'params' collection", list(variables))
-  base = {k: v for k, v in variables.items() if k not in ('intermediates', 'perturbations')}
-  state_cols = [k for k in base if k != 'params'] if train else []
+  drop = ('intermediates', 'perturbations')
+  if variables is None:
+    if init_rng is None:
+      fail(_LAYER, 'init_rng', 'a PRNG key when `variables` is None', None)
+
+    def get_base(key):
+      v = model.init(key, x, train=False)
+      return {k: c for k, c in v.items() if k not in drop}
+
+    base_arg = init_rng
+    base_keys = list(jax.eval_shape(get_base, init_rng))
+  else:
+    if 'params' not in variables:
+      fail(_LAYER, 'variables', "a variable dict with a 'params' collection", list(variables))
+
+    def get_base(v):
+      return v
+
+    base_arg = {k: v for k, v in variables.items() if k not in drop}
+    base_keys = list(base_arg)
+  state_cols = [k for k in base_keys if k != 'params'] if train else []
   rngs = {'dropout': rng} if rng is not None else {}
 
   def apply(v, mutable):
     return model.apply(v, x, train=train, mutable=mutable, rngs=rngs)
 
-  _, shapes = jax.eval_shape(lambda v: apply(v, ['perturbations', *state_cols]), base)
+  _, shapes = jax.eval_shape(lambda b: apply(get_base(b), ['perturbations', *state_cols]),
+                             base_arg)
   perturbations = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
                                shapes.get('perturbations', {}))
   if not jax.tree.leaves(perturbations):
     fail(_LAYER, 'model', "a model that calls perturb('stem'|'skip'|'layer', ...) "
          '(see jaxnorm.models instrumentation)', f'{type(model).__name__} with no perturbations')
 
-  def run(params, perts, rest, x_, labels_):
+  def run(b, perts, x_, labels_):
+    base = get_base(b)
+    params = base['params']
+    rest = {k: v for k, v in base.items() if k != 'params'}
+
     def loss_fn(p, pt):
       v = dict(rest, params=p, perturbations=pt)
       logits, mut = model.apply(v, x_, train=train, mutable=['intermediates', *state_cols],
@@ -245,8 +271,7 @@ def signal_propagation(model: nn.Module, variables: Mapping[str, Any], x, labels
       out['branch'] = jnp.stack([_metrics(b)[1] for b in branches])
     return out
 
-  rest = {k: v for k, v in base.items() if k != 'params'}
-  res = jax.device_get(jax.jit(run)(base['params'], perturbations, rest, x, labels))
+  res = jax.device_get(jax.jit(run)(base_arg, perturbations, x, labels))
 
   def stats(d, i, res_var=None):
     return TapStats(avg_sq_mean=float(d['avg_sq_mean'][i]), avg_var=float(d['avg_var'][i]),
