@@ -25,7 +25,8 @@ _LAYER = 'jaxnorm.diagnostics.plots'
 
 def plot_per_block(ax, curves: Mapping[str, Sequence[float]],
                    theory: Mapping[str, Sequence[float]] | None = None, *, title: str = '',
-                   ylabel: str = '', xlabel: str = 'block (0 = stem)', logy: bool = True) -> None:
+                   ylabel: str = '', xlabel: str = 'block (0 = stem)', logy: bool = True,
+                   colors: Mapping[str, str] | None = None) -> None:
   """Draws one solid line per normalization and its theory curve dashed, in the same colour.
 
   Args:
@@ -36,6 +37,8 @@ def plot_per_block(ax, curves: Mapping[str, Sequence[float]],
     ylabel: y-axis label.
     xlabel: x-axis label.
     logy: log-scale y axis (non-positive values are masked).
+    colors: normalization name -> colour (keeps colours equal across panels); default: the
+      matplotlib colour cycle in the order of ``curves``.
 
   References:
     Brock et al. 2021a SPPs (papers.md §0).
@@ -43,7 +46,7 @@ def plot_per_block(ax, curves: Mapping[str, Sequence[float]],
   theory = theory or {}
   cycle = plt.rcParams['axes.prop_cycle'].by_key()['color']
   for i, (name, ys) in enumerate(curves.items()):
-    color = cycle[i % len(cycle)]
+    color = (colors or {}).get(name, cycle[i % len(cycle)])
     ys = np.asarray(ys, np.float64)
     if logy:
       ys = np.where(ys > 0, ys, np.nan)
@@ -84,12 +87,20 @@ def save_per_block_figure(path: str, panels: Sequence[Mapping], *, ncols: int = 
   ncols = min(ncols, n)
   nrows = -(-n // ncols)
   fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.8 * nrows), squeeze=False)
+  # One colour per normalization across all panels, in order of first appearance.
+  names = list(dict.fromkeys(name for panel in panels for name in panel['curves']))
+  cycle = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  colors = {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
   for ax, panel in zip(axes.flat, panels, strict=False):
     plot_per_block(ax, panel['curves'], panel.get('theory'), title=panel.get('title', ''),
-                   ylabel=panel.get('ylabel', ''), logy=panel.get('logy', True))
+                   ylabel=panel.get('ylabel', ''), logy=panel.get('logy', True), colors=colors)
   for ax in list(axes.flat)[n:]:
     ax.set_visible(False)
-  handles, labels = axes.flat[0].get_legend_handles_labels()
+  seen = {}
+  for ax in list(axes.flat)[:n]:
+    for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+      seen.setdefault(label, h)
+  handles, labels = list(seen.values()), list(seen)
   fig.legend(handles, labels, loc='lower center', ncol=min(len(labels), 7), fontsize=8,
              frameon=False)
   fig.suptitle((suptitle + '   ' if suptitle else '') + '(solid: measured, dashed: theory)',
