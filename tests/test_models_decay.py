@@ -14,7 +14,7 @@ from jaxnorm.models import cifar_resnet, decay_mask
 @pytest.mark.slow
 def test_decay_mask_with_optax_decays_only_kernels():
   model = cifar_resnet(8, width=4, norm='batch_norm', skip_init=0.5, scan=False)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 3)))['params']
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 3)))['params']
   tx = optax.add_decayed_weights(0.1, mask=decay_mask)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)

@@ -30,7 +30,7 @@ def test_residual_mlp_taps_are_in_network_order(scan):
   depth = 12
   model = ResidualMLP(depth=depth, width=8, norm='none', scan=scan)
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 5))
-  variables = model.init(jax.random.PRNGKey(1), x)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
   _, state = model.apply(variables, x, mutable=['intermediates'])
   tree = state['intermediates']
   skips, branches = block_taps(tree, 'skip'), block_taps(tree, 'branch')
@@ -48,7 +48,7 @@ def test_perturbation_gradients_are_the_skip_path_gradients(scan):
   depth = 11
   model = ResidualMLP(depth=depth, width=6, norm='none', num_classes=6, scan=scan)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 6))
-  variables = model.init(jax.random.PRNGKey(1), x)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
 
   def forward(perturbations):
     _, state = model.apply({'params': variables['params'], 'perturbations': perturbations}, x,
@@ -74,7 +74,7 @@ def test_perturbation_gradients_are_the_skip_path_gradients(scan):
 def test_resnet_taps_one_per_block_and_instrumentation_leaves_outputs_unchanged(scan):
   model = cifar_resnet(20, width=4, norm='batch_norm', scan=scan)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
-  variables = model.init(jax.random.PRNGKey(1), x)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
   plain = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
   y0 = model.apply(plain, x)
   y1, state = model.apply(variables, x, mutable=['intermediates'])

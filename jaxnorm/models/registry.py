@@ -32,6 +32,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm.functional._checks import check_choice, check_positive, fail
+from jaxnorm.linen import (
+  BackwardGradNorm,
+  BatchNorm,
+  Conv,
+  PWSConv,
+  ScaledWSConv,
+  SkipInit,
+  WSConv,
+)
 
 NORMS = ('batch_norm', 'ghost_batch_norm', 'none', 'group_norm', 'ws', 'scaled_ws', 'pws')
 BGN_PLACEMENTS = ('none', 'block', 'layer')
@@ -122,33 +131,6 @@ def resolve_skip_init(skip_init, num_blocks: int, layer: str = 'model') -> float
   return float(skip_init)
 
 
-# ---------------------------------------------------------------------------------------------
-# Layer lookup. The jaxnorm layers are preferred; the flax fallbacks keep the models usable while
-# a layer is missing (they are not what the papers specify, see `missing_layers`).
-
-
-def _jaxnorm_layer(name: str):
-  import jaxnorm.linen as jl  # noqa: PLC0415 (late import: the layers land independently)
-
-  return getattr(jl, name, None)
-
-
-def missing_layers() -> list[str]:
-  """Names of jaxnorm.linen layers the registry needs but cannot find (flax stand-ins are used)."""
-  names = ('BatchNorm', 'Conv', 'WSConv', 'ScaledWSConv', 'PWSConv', 'BackwardGradNorm', 'SkipInit')
-  return [n for n in names if _jaxnorm_layer(n) is None]
-
-
-class _FallbackGain(nn.Module):
-  """Stand-in for ``jaxnorm.linen.SkipInit``: ``gain * x`` with a scalar param 'gain'."""
-  init_value: float = 0.0
-
-  @nn.compact
-  def __call__(self, x):
-    gain = self.param('gain', nn.initializers.constant(self.init_value), (), jnp.float32)
-    return x * gain.astype(x.dtype)
-
-
 def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
   p = kernel_size // 2
   return ((p, p), (p, p))
@@ -183,27 +165,15 @@ class Layers:
                               strides=(strides, strides), padding=_pad(kernel_size), name=name)
     use_bias = self.conv_bias
     if spec.name == 'pws':
-      cls = _jaxnorm_layer('PWSConv')
-      if cls is None:
-        return nn.Conv(use_bias=True, kernel_init=nn.initializers.he_normal(), **kw)
-      return cls(gamma=spec.pws_gamma, mode=spec.pws_mode, equiv=spec.pws_equiv,
+      return PWSConv(gamma=spec.pws_gamma, mode=spec.pws_mode, equiv=spec.pws_equiv,
                  init_alpha=spec.pws_init_alpha and first, **kw)
     if spec.name == 'scaled_ws':
-      cls = _jaxnorm_layer('ScaledWSConv')
-      if cls is None:
-        return nn.Conv(use_bias=True, **kw)
-      return cls(**kw)
+      return ScaledWSConv(**kw)
     if use_bias is None:
       use_bias = False
     if spec.name == 'ws':
-      cls = _jaxnorm_layer('WSConv')
-      if cls is None:
-        return nn.Conv(use_bias=use_bias, **kw)
-      return cls(use_bias=use_bias, **kw)
-    cls = _jaxnorm_layer('Conv')
-    if cls is None:
-      return nn.Conv(use_bias=use_bias, kernel_init=nn.initializers.he_normal(), **kw)
-    return cls(use_bias=use_bias, kernel_init=nn.initializers.he_normal(), **kw)
+      return WSConv(use_bias=use_bias, **kw)
+    return Conv(use_bias=use_bias, kernel_init=nn.initializers.he_normal(), **kw)
 
   def dense(self, features: int, *, name: str, kernel_init=None) -> nn.Module:
     """A Dense layer (flax): no Dense variant is normalization-specific in the papers."""
@@ -222,14 +192,10 @@ class Layers:
     scale_init = (nn.initializers.zeros if last and self.zero_init_residual
                   else nn.initializers.ones)
     if spec.name in ('batch_norm', 'ghost_batch_norm'):
-      cls = _jaxnorm_layer('BatchNorm')
-      kw: dict[str, Any] = dict(use_running_average=not train, momentum=spec.momentum,
-                                epsilon=spec.epsilon, scale_init=scale_init, name=name)
-      if cls is None:
-        return nn.BatchNorm(**kw)
-      if spec.name == 'ghost_batch_norm':
-        kw['ghost_batch_size'] = spec.ghost_batch_size
-      return cls(**kw)
+      ghost = spec.ghost_batch_size if spec.name == 'ghost_batch_norm' else None
+      return BatchNorm(use_running_average=not train, momentum=spec.momentum,
+                       epsilon=spec.epsilon, scale_init=scale_init, ghost_batch_size=ghost,
+                       name=name)
     if spec.name in ('group_norm', 'ws'):
       return _GroupNorm(max_groups=spec.group_norm_groups, epsilon=spec.epsilon,
                         scale_init=scale_init, name=name)
@@ -255,19 +221,13 @@ class Layers:
 
   def skip_gain(self, init_value: float, *, name: str) -> nn.Module:
     """SkipInit's learnable scalar gain at the end of a residual branch (param 'gain')."""
-    cls = _jaxnorm_layer('SkipInit')
-    if cls is None:
-      return _FallbackGain(init_value=init_value, name=name)
-    return cls(init_value=init_value, name=name)
+    return SkipInit(init_value=init_value, name=name)
 
   def bgn_node(self, x, where: str, *, name: str):
     """Applies a BackwardGradNorm node when ``bgn`` selects placement ``where``, else returns x."""
     if self.bgn != where:
       return x
-    cls = _jaxnorm_layer('BackwardGradNorm')
-    if cls is None:
-      return x
-    return cls(name=name)(x)
+    return BackwardGradNorm(name=name)(x)
 
 
 class _GroupNorm(nn.Module):

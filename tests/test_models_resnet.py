@@ -1,0 +1,129 @@
+"""Tests of the generic ResNet and its presets: parameter counts, every norm spec, SkipInit."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxnorm.models import (
+  NORMS,
+  NormSpec,
+  ResNet,
+  block_taps,
+  cifar_resnet,
+  pws_resnet,
+  resnet50,
+  wide_resnet,
+)
+
+
+def _count(model, shape):
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(shape))
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes['params']))
+
+
+CIFAR, IMAGENET = (1, 32, 32, 3), (1, 64, 64, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('make, shape, published_millions', [
+  (lambda: cifar_resnet(20, scan=True), CIFAR, 0.27),  # He et al. 2016a, Table 6
+  (lambda: cifar_resnet(110, scan=True), CIFAR, 1.7),
+  (lambda: resnet50('v1', scan=True), IMAGENET, 25.6),  # He et al. 2016a, Table 1
+  (lambda: resnet50('v2', scan=True), IMAGENET, 25.6),
+  (lambda: wide_resnet(16, 4, scan=True), CIFAR, 2.7),  # Zagoruyko & Komodakis, Table 1 (2.75M)
+])
+def test_parameter_counts_match_the_published_ones(make, shape, published_millions):
+  # Published counts are rounded (ResNet-20 0.27M = 272,474 here with projection shortcuts).
+  count = _count(make(), shape)
+  assert abs(count / 1e6 - published_millions) < 0.02 * published_millions, count
+
+
+@pytest.mark.slow
+def test_scanned_and_unrolled_count_the_same_parameters_and_deep_presets_build():
+  assert _count(cifar_resnet(20, scan=False), CIFAR) == _count(cifar_resnet(20, scan=True), CIFAR)
+  # ResNet-1202 (19.4M) and WRN-1000-1 build in seconds when scanned.
+  assert abs(_count(cifar_resnet(1202, scan=True), CIFAR) / 1e6 - 19.4) < 0.1
+  assert _count(wide_resnet(1000, 1, scan=True), CIFAR) > 0
+  # The official PWS ResNets (papers.md §5(b)): ResNet-50 without its 1000-way head is 23.5M.
+  pws50 = _count(pws_resnet(50, scan=True), IMAGENET)
+  assert abs((pws50 - 2048 * 1000 - 1000) / 1e6 - 23.51) < 0.03
+  assert abs(_count(pws_resnet(34, scan=True), CIFAR) / 1e6 - 21.3) < 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('norm', NORMS)
+def test_every_norm_spec_runs_forward_and_backward(norm):
+  spec = NormSpec(name=norm, ghost_batch_size=2)
+  model = cifar_resnet(14, width=4, norm=spec, skip_init=0.5, bgn='block', scan=True,
+                       style='v2' if norm == 'scaled_ws' else 'v1')
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+
+  def loss(params):
+    out, state = model.apply({**variables, 'params': params}, x, train=True,
+                             mutable=['batch_stats'])
+    return jnp.mean(out**2), state
+
+  (value, state), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+  assert np.isfinite(value)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+  assert ('batch_stats' in state) == (norm in ('batch_norm', 'ghost_batch_norm'))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('make', [
+  lambda: resnet50('v2', width=2, num_classes=3, scan=True, regularized=True),
+  lambda: pws_resnet(50, width=2, scan=True),
+  lambda: pws_resnet(34, width=2, scan=False, remat=True),
+  lambda: wide_resnet(10, 1, base_width=2, norm='ghost_batch_norm', skip_init='inv_sqrt_depth'),
+])
+def test_presets_run_forward_and_backward_at_smoke_size(make):
+  model = make()
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+
+  def loss(params):
+    out, _ = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'],
+                         rngs={'dropout': jax.random.PRNGKey(2)})
+    return jnp.mean(out**2)
+
+  grads = jax.jit(jax.grad(loss))(variables['params'])
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('style', ['v2', 'relu_first'])
+def test_skip_init_zero_makes_every_identity_block_the_identity_at_init(style):
+  # De & Smith: x_{l+1} = x_l + alpha * f(x_l) with alpha = 0: the skip path is exactly constant
+  # within a stage (blocks without a projection), while the branches are not zero.
+  model = cifar_resnet(20, width=4, norm='none', skip_init=0.0, style=style, scan=True)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+  _, state = jax.jit(lambda v: model.apply(v, x, mutable=['intermediates']))(variables)
+  skips = block_taps(state['intermediates'], 'skip')
+  branches = block_taps(state['intermediates'], 'branch')
+  for stage in range(3):
+    first = 3 * stage
+    for i in (first + 1, first + 2):
+      np.testing.assert_array_equal(skips[i], skips[i - 1])
+      assert float(jnp.var(branches[i])) > 0
+
+
+def test_unknown_arguments_fail_fast_with_the_choices():
+  x = jnp.zeros((1, 8, 8, 3))
+  with pytest.raises(ValueError, match=r"ResNet: argument `norm` expected one of 'batch_norm'"):
+    cifar_resnet(8, norm='layer_norm').init(jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match='`style`'):
+    cifar_resnet(8, style='v3').init(jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match='`bgn`'):
+    cifar_resnet(8, bgn='every').init(jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match='`style`'):
+    cifar_resnet(8, norm='scaled_ws', style='v1').init(jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match='`depth`'):
+    cifar_resnet(21)
+  with pytest.raises(ValueError, match='`stage_sizes`'):
+    ResNet(stage_sizes=(1, 1), widths=(4,), strides=(1,)).init(jax.random.PRNGKey(0), x)
