@@ -120,7 +120,7 @@ def torch_step_fn(batch: int, image: int, width: int = 16, channels_last: bool =
     loss = loss_fn(model(x), y)
     loss.backward()
     opt.step()
-    return float(loss)
+    return loss.item()
 
   return step
 
