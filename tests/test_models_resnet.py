@@ -79,7 +79,8 @@ def test_every_norm_spec_runs_forward_and_backward(norm):
   lambda: resnet50('v2', width=2, num_classes=3, scan=True, regularized=True),
   lambda: pws_resnet(50, width=2, scan=True),
   lambda: pws_resnet(34, width=2, scan=False, remat=True),
-  lambda: wide_resnet(10, 1, base_width=2, norm='ghost_batch_norm', skip_init='inv_sqrt_depth'),
+  lambda: wide_resnet(10, 1, base_width=2, norm=NormSpec('ghost_batch_norm', ghost_batch_size=2),
+                      skip_init='inv_sqrt_depth'),
 ])
 def test_presets_run_forward_and_backward_at_smoke_size(make):
   model = make()
