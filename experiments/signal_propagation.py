@@ -21,6 +21,7 @@ References: papers.md §0, §1 (Panigrahi), §2 (BGN), §3 (De & Smith), §5 (PW
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import os
@@ -51,6 +52,7 @@ flags.DEFINE_integer('image_size', 8, 'Side of the N(0, 1) images (gaussian inpu
 flags.DEFINE_string('dataset', 'gaussian', 'Inputs: ' + ', '.join(DATASETS) + '.')
 flags.DEFINE_string('output_dir', 'results/signal_propagation', 'Where figures and JSON go.')
 flags.DEFINE_integer('seed', 0, 'Seed of the parameters and of the Gaussian inputs.')
+flags.DEFINE_integer('workers', 0, 'Models measured concurrently (0: one per CPU core).')
 flags.DEFINE_bool('small', False, 'Tiny models (for tests): 6 ResNet blocks, MLP depth 12.')
 
 
@@ -75,6 +77,8 @@ def validate_flags() -> None:
       raise FlagError(f'--{name}: expected a positive integer, got {value}')
   if FLAGS.batch_size < 2:
     raise FlagError(f'--batch_size: expected >= 2 (batch statistics), got {FLAGS.batch_size}')
+  if FLAGS.workers < 0:
+    raise FlagError(f'--workers: expected >= 0 (0: one per CPU core), got {FLAGS.workers}')
   if FLAGS.dataset not in DATASETS:
     raise FlagError(f'--dataset: expected one of {", ".join(DATASETS)}, got {FLAGS.dataset!r}')
 
@@ -207,19 +211,36 @@ def main(argv):
 
   t_start = time.time()
   num_classes = 10
+  tasks = [(kind, norm) for kind in FLAGS.models
+           for norm in FLAGS.norms if kind == 'resnet' or norm in MLP_NORMS]
+
+  def measure(task):
+    kind, norm = task
+    t0 = time.time()
+    model, stages = build(kind, norm, num_classes)
+    xin = x if kind == 'resnet' else x.reshape(x.shape[0], -1)
+    # Initialize inside the measurement's jitted computation: one compilation per model.
+    rep = signal_propagation(model, None, xin, labels, train=True,
+                             init_rng=jax.random.PRNGKey(FLAGS.seed))
+    seconds = time.time() - t0
+    print(f'[{time.time() - t_start:6.1f}s] {kind:6s} {norm:26s} {len(rep.blocks)} blocks '
+          f'in {seconds:.1f}s', flush=True)
+    return rep, stages, seconds
+
+  # XLA compiles without holding the GIL: measuring models on as many threads as there are cores
+  # divides the (compile-dominated) wall time by about that number.
+  workers = max(1, min(len(tasks), FLAGS.workers or os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    measured = dict(zip(tasks, pool.map(measure, tasks), strict=True))
+
   results, rows = {}, []
   fwd_panels, bwd_panels = [], []
   for kind in FLAGS.models:
-    norms = [n for n in FLAGS.norms if kind == 'resnet' or n in MLP_NORMS]
+    norms = [norm for k, norm in tasks if k == kind]
     curves_v, curves_g, th_v, th_g = {}, {}, {}, {}
     results[kind] = {}
     for norm in norms:
-      t0 = time.time()
-      model, stages = build(kind, norm, num_classes)
-      xin = x if kind == 'resnet' else x.reshape(x.shape[0], -1)
-      # Initialize inside the measurement's jitted computation: one compilation per model.
-      rep = signal_propagation(model, None, xin, labels, train=True,
-                               init_rng=jax.random.PRNGKey(FLAGS.seed))
+      rep, stages, seconds = measured[(kind, norm)]
       th = theory_curves(norm, rep, stages)
       var, gvar = rep.series('avg_var'), rep.series('grad_var')
       curves_v[norm], curves_g[norm] = var, gvar
@@ -234,7 +255,7 @@ def main(argv):
         'gvar_ratio': float(gvar[1] / gvar[-1]) if gvar[-1] > 0 else None,
         'gvar_ratio_theory': (float(th['grad_var'][1] / th['grad_var'][-1])
                               if th['grad_var'] is not None else None),
-        'seconds': time.time() - t0,
+        'seconds': seconds,
       }
       row = _finite_or_none(row)
       rows.append(row)
@@ -243,8 +264,6 @@ def main(argv):
         'theory': {k: (None if v is None else [None if not np.isfinite(e) else float(e)
                                                 for e in v]) for k, v in th.items()},
       }
-      print(f'[{time.time() - t_start:6.1f}s] {kind:6s} {norm:26s} {len(rep.blocks)} blocks '
-            f'in {row["seconds"]:.1f}s', flush=True)
     title = (f'pre-activation ResNet, {FLAGS.resnet_blocks} blocks' if kind == 'resnet'
              else f'residual MLP, {FLAGS.mlp_depth} blocks')
     fwd_panels.append(dict(curves=curves_v, theory=th_v, title=title,
