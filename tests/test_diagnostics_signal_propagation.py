@@ -191,6 +191,12 @@ def test_scanned_blocks_give_the_same_report_as_unrolled():
   assert len(block_taps({'a': {'skip': (jnp.ones((3, 2, 4)),)}}, 'skip')) == 1
 
 
+def _fields(module):
+  import dataclasses
+
+  return [f.name for f in dataclasses.fields(module) if f.init and f.name not in ('parent', 'name')]
+
+
 def test_initializing_inside_the_pass_equals_passing_initialized_variables():
   model, variables, x, rep = _report(4)
   rep_init = signal_propagation(model, None, x, init_rng=jax.random.key(0))
@@ -198,6 +204,18 @@ def test_initializing_inside_the_pass_equals_passing_initialized_variables():
     np.testing.assert_allclose(rep_init.series(field), rep.series(field), rtol=1e-5)
   with pytest.raises(ValueError, match='init_rng'):
     signal_propagation(model, None, x)
+
+
+def test_a_second_call_on_an_equal_model_reuses_the_compiled_pass():
+  from jaxnorm.diagnostics.signal_propagation import _measure
+
+  model, variables, x, rep = _report(4)
+  before = _measure._cache_size()
+  # A new but equal module object and new parameter values: no new trace, same numbers.
+  again = signal_propagation(type(model)(**{f: getattr(model, f) for f in _fields(model)}),
+                             jax.tree.map(lambda a: a + 0, variables), x)
+  assert _measure._cache_size() == before
+  np.testing.assert_array_equal(again.series('grad_var'), rep.series('grad_var'))
 
 
 def test_uninstrumented_model_and_bad_labels_fail_fast():

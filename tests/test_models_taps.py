@@ -7,7 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnorm.models import ResidualMLP, block_taps, cifar_resnet, stem_tap, unstack_blocks
+from jaxnorm.models import (
+  ResidualMLP,
+  block_tap_groups,
+  block_taps,
+  cifar_resnet,
+  stem_tap,
+  unstack_blocks,
+)
 
 
 def test_natural_numeric_order_and_scanned_leaves_unstacked():
@@ -22,6 +29,10 @@ def test_natural_numeric_order_and_scanned_leaves_unstacked():
   # Gradient trees hold arrays, not sow tuples.
   grads = {'block_0': {'skip': jnp.ones(2)}, 'scanned_blocks': {'skip': jnp.zeros((3, 2))}}
   assert [float(a[0]) for a in block_taps(grads, 'skip')] == [1, 0, 0, 0]
+  # Groups keep the scanned blocks stacked: one leading block axis per group, same order.
+  groups = block_tap_groups(tree, 'skip')
+  assert [g.shape for g in groups] == [(1, 1)] * 5 + [(2, 1)]
+  assert [float(v) for v in jnp.concatenate(groups)[:, 0]] == got
 
 
 @pytest.mark.parametrize('scan', [False, True])

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxnorm.functional import initializers
 from jaxnorm.functional._checks import check_choice, fail
 from jaxnorm.functional.conv import PaddingLike, conv
 from jaxnorm.functional.kernel_standardization import FAN_MODES, standardize_kernel
@@ -78,7 +79,7 @@ class _ConvBase(nn.Module):
     return True
 
   def _default_kernel_init(self) -> Initializer:
-    return nn.initializers.lecun_normal()
+    return initializers.lecun_normal()
 
   def _kernel_init(self) -> Initializer:
     init = getattr(self, 'kernel_init', None)
@@ -165,7 +166,7 @@ class Conv(_ConvBase):
   """
 
   use_bias: bool = True
-  kernel_init: Initializer = nn.initializers.lecun_normal()
+  kernel_init: Initializer = initializers.lecun_normal()
   bias_init: Initializer = nn.initializers.zeros_init()
 
   def _use_bias(self) -> bool:
@@ -195,7 +196,7 @@ class WSConv(_ConvBase):
   method: str = 'ws'
   eps: float = 1e-5
   use_bias: bool = True
-  kernel_init: Initializer = nn.initializers.lecun_normal()
+  kernel_init: Initializer = initializers.lecun_normal()
   bias_init: Initializer = nn.initializers.zeros_init()
 
   def _use_bias(self) -> bool:
@@ -230,7 +231,7 @@ class ScaledWSConv(_ConvBase):
   bias_init: Initializer = nn.initializers.zeros_init()
 
   def _default_kernel_init(self):
-    return nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
+    return initializers.variance_scaling(1.0, 'fan_in', 'normal')
 
   def _transform_kernel(self, kernel, inputs, conv_fn):
     gain = self.param('gain', nn.initializers.ones_init(), (self.features,), self.param_dtype)
@@ -278,7 +279,7 @@ class PWSConv(_ConvBase):
 
   def _default_kernel_init(self):
     check_choice('PWSConv', 'mode', self.mode, FAN_MODES)
-    return nn.initializers.variance_scaling(2.0, self.mode, 'normal')
+    return initializers.variance_scaling(2.0, self.mode, 'normal')
 
   def _transform_kernel(self, kernel, inputs, conv_fn):
     check_choice('PWSConv', 'mode', self.mode, FAN_MODES)

@@ -41,5 +41,6 @@ from jaxnorm.models.resnet import resnet50 as resnet50
 from jaxnorm.models.resnet import wide_resnet as wide_resnet
 from jaxnorm.models.stacking import stack_blocks as stack_blocks
 from jaxnorm.models.stacking import unstack_blocks as unstack_blocks
+from jaxnorm.models.taps import block_tap_groups as block_tap_groups
 from jaxnorm.models.taps import block_taps as block_taps
 from jaxnorm.models.taps import stem_tap as stem_tap

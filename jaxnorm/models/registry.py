@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxnorm.functional import initializers
 from jaxnorm.functional._checks import check_choice, check_positive, fail
 from jaxnorm.linen import (
   BackwardGradNorm,
@@ -173,7 +174,7 @@ class Layers:
       use_bias = False
     if spec.name == 'ws':
       return WSConv(use_bias=use_bias, **kw)
-    return Conv(use_bias=use_bias, kernel_init=nn.initializers.he_normal(), **kw)
+    return Conv(use_bias=use_bias, kernel_init=initializers.he_normal(), **kw)
 
   def dense(self, features: int, *, name: str, kernel_init=None) -> nn.Module:
     """A Dense layer (flax): no Dense variant is normalization-specific in the papers."""

@@ -42,9 +42,32 @@ def _collect(tree, name: str, stacked: bool, out: list) -> None:
     value = tree[key]
     if key == name and not isinstance(value, Mapping):
       for v in _values(value):
-        out.extend(list(v) if stacked else [v])
+        out.append(v if stacked else v[None])
     elif isinstance(value, Mapping):
       _collect(value, name, stacked or key == SCANNED, out)
+
+
+def block_tap_groups(tree, name: str) -> list[jax.Array]:
+  """Like ``block_taps``, but keeps scan-stacked taps stacked: one array per group of blocks.
+
+  Every returned array has a leading block axis: length 1 for an unrolled block, ``n - 1`` for the
+  ``scanned_blocks`` of a sequence. Concatenating the groups' leading axes gives ``block_taps``'
+  list, in the same order. Use it to reduce many blocks at once (``jax.vmap`` over the leading
+  axis) instead of tracing one reduction per block.
+
+  Args:
+    tree: as for ``block_taps``.
+    name: as for ``block_taps``.
+
+  Returns:
+    A list of arrays, each with a leading block axis, in network order.
+  """
+  if not isinstance(tree, Mapping):
+    raise TypeError(f'block_tap_groups: argument `tree` expected a mapping, got '
+                    f'{type(tree).__name__}.')
+  out: list = []
+  _collect(tree, name, False, out)
+  return out
 
 
 def block_taps(tree, name: str) -> list[jax.Array]:
@@ -63,9 +86,7 @@ def block_taps(tree, name: str) -> list[jax.Array]:
   """
   if not isinstance(tree, Mapping):
     raise TypeError(f'block_taps: argument `tree` expected a mapping, got {type(tree).__name__}.')
-  out: list = []
-  _collect(tree, name, False, out)
-  return out
+  return [a for group in block_tap_groups(tree, name) for a in group]
 
 
 def stem_tap(tree) -> jax.Array:

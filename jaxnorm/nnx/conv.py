@@ -28,13 +28,14 @@ from flax import nnx
 from flax.nnx.nn import dtypes
 from flax.typing import Dtype, Initializer
 
+from jaxnorm.functional import initializers
 from jaxnorm.functional._checks import check_choice, fail
 from jaxnorm.functional.conv import PaddingLike, conv
 from jaxnorm.functional.kernel_standardization import FAN_MODES, standardize_kernel
 
 __all__ = ['Conv', 'WSConv', 'ScaledWSConv', 'PWSConv']
 
-_LECUN_NORMAL = nnx.initializers.lecun_normal()
+_LECUN_NORMAL = initializers.lecun_normal()
 _ZEROS = nnx.initializers.zeros_init()
 
 
@@ -194,7 +195,7 @@ class ScaledWSConv(_ConvBase):
     if 'use_bias' in kwargs:
       fail('ScaledWSConv', 'use_bias', 'no value (the bias is always present)', kwargs['use_bias'])
     self.eps = eps
-    kernel_init = kernel_init or nnx.initializers.variance_scaling(1.0, 'fan_in', 'normal')
+    kernel_init = kernel_init or initializers.variance_scaling(1.0, 'fan_in', 'normal')
     super().__init__(in_features, out_features, kernel_size, strides, kernel_init=kernel_init,
                      rngs=rngs, **kwargs)
     self.gain = nnx.Param(jnp.ones((out_features,), self.param_dtype))
@@ -233,7 +234,7 @@ class PWSConv(_ConvBase):
     self.gamma = gamma
     self.mode = mode
     self.equiv = equiv
-    kernel_init = kernel_init or nnx.initializers.variance_scaling(2.0, mode, 'normal')
+    kernel_init = kernel_init or initializers.variance_scaling(2.0, mode, 'normal')
     super().__init__(in_features, out_features, kernel_size, strides, kernel_init=kernel_init,
                      rngs=rngs, **kwargs)
     self.alpha = nnx.Param(jnp.ones((out_features,), self.param_dtype))
