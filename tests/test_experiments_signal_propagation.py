@@ -15,7 +15,7 @@ SCRIPT = os.path.join(ROOT, 'experiments', 'signal_propagation.py')
 
 def _run(*args, timeout=600):
   env = dict(os.environ, JAX_PLATFORMS='cpu', MPLBACKEND='Agg')
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = '--xla_backend_optimization_level=0'  # one device; see conftest.py
   return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
                         timeout=timeout, env=env, cwd=ROOT)
 

@@ -15,32 +15,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, 'experiments', 'train.py')
 QUICKSTART = os.path.join(ROOT, 'experiments', 'configs', 'quickstart.py')
 
-TINY_MODEL = '''
-import flax.linen as nn
-
-class TinyCNN(nn.Module):
-  num_classes: int = 10
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    x = nn.Conv(8, (3, 3))(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
-    x = nn.relu(x).reshape(x.shape[0], -1)
-    return nn.Dense(self.num_classes)(x)
-
-def make(num_classes, **unused):
-  return TinyCNN(num_classes)
-'''
+TESTS = os.path.dirname(os.path.abspath(__file__))  # holds tiny_cnn.py, the launched model
 
 SMALL_RUN = ['--config.total_steps=12', '--config.checkpoint_every=4', '--config.log_every=2',
              '--config.eval_every=6', '--config.batch_size=32', '--config.progress_bar=False',
-             '--config.model.name=tinymodel:make']
+             '--config.model.name=tiny_cnn:make']
 
 
-def _env(tmp_path, **extra):
-  (tmp_path / 'tinymodel.py').write_text(TINY_MODEL)
-  env = dict(os.environ, PYTHONPATH=str(tmp_path), JAX_PLATFORMS='cpu', **extra)
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+def _env(**extra):
+  env = dict(os.environ, PYTHONPATH=TESTS, JAX_PLATFORMS='cpu', **extra)
+  env['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=2 '
+                      '--xla_backend_optimization_level=0')  # see conftest.py
   return env
 
 
@@ -56,7 +41,7 @@ def _metrics(workdir):
   return records
 
 
-def _reference_run(tmp_path, workdir):
+def _reference_run(workdir):
   """The uninterrupted run, in this process, on the same 2 devices the launcher runs on."""
   import jax
 
@@ -70,23 +55,20 @@ def _reference_run(tmp_path, workdir):
     for part in parents:
       target = target[part]
     target[leaf] = type(target[leaf])(value == 'True' if value in ('True', 'False') else value)
-  sys.path.insert(0, str(tmp_path))
-  try:
-    import tinymodel
-  finally:
-    sys.path.remove(str(tmp_path))
-  train(config, str(workdir), devices=jax.devices()[:2], model=tinymodel.make(10))
+  import tiny_cnn
+
+  train(config, str(workdir), devices=jax.devices()[:2], model=tiny_cnn.make(10))
 
 
 @pytest.mark.slow
 def test_run_killed_after_checkpoint_resumes_to_identical_metrics(tmp_path):
-  env = _env(tmp_path)
+  env = _env()
   full, killed = tmp_path / 'full', tmp_path / 'killed'
-  _reference_run(tmp_path, full)
+  _reference_run(full)
 
   # Stop making progress after step 6 (checkpoint at 4; steps 5-6 logged but not saved), SIGKILL.
   proc = subprocess.Popen(_cmd(killed, *SMALL_RUN), env=_env(
-      tmp_path, JAXNORM_FAULT_HANG_AT_STEP='6'), stdout=subprocess.DEVNULL,
+      JAXNORM_FAULT_HANG_AT_STEP='6'), stdout=subprocess.DEVNULL,
       stderr=subprocess.DEVNULL)
   deadline = time.time() + 120
   while time.time() < deadline:
@@ -115,7 +97,7 @@ def test_run_killed_after_checkpoint_resumes_to_identical_metrics(tmp_path):
     ('--config.model.name=no_such_model', 'config.model.name'),
 ])
 def test_invalid_config_value_exits_with_one_line_naming_the_field(tmp_path, override, field):
-  out = subprocess.run(_cmd(tmp_path / 'w', *SMALL_RUN, override), env=_env(tmp_path),
+  out = subprocess.run(_cmd(tmp_path / 'w', *SMALL_RUN, override), env=_env(),
                        capture_output=True, text=True, timeout=120)
   assert out.returncode != 0
   assert 'Traceback' not in out.stderr
@@ -128,7 +110,7 @@ def test_missing_tfds_dataset_exits_with_instructions(tmp_path):
   out = subprocess.run(
       _cmd(tmp_path / 'w', *SMALL_RUN, '--config.dataset=cifar10',
            f'--config.data_dir={tmp_path / "no_data"}'),
-      env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+      env=_env(), capture_output=True, text=True, timeout=120)
   assert out.returncode == 1 and 'Traceback' not in out.stderr
   assert 'tfds build cifar10 --file_format=array_record' in out.stderr
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
+from bn_reference import assert_close, batches, linen_train_steps, nontrivial_params
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -23,46 +24,14 @@ from jaxnorm.linen import BatchNorm
 SHAPES = {'nhwc': (8, 3, 3, 4), 'nc': (16, 5)}
 
 
-def _batches(shape, n, dtype=jnp.float32, seed=0):
-  keys = jax.random.split(jax.random.key(seed), n)
-  return [(2.0 * jax.random.normal(k, shape) + 0.5 * i).astype(dtype) for i, k in enumerate(keys)]
-
-
 def _train(module, xs, w, mask=None):
-  """A few training steps: returns per-step outputs and grads (x, params), and final stats."""
+  """A few training steps from non-trivial params (equal for every module compared)."""
   variables = jax.jit(functools.partial(module.init, use_running_average=False))(
-      jax.random.key(1), xs[0])
-  # Non-trivial params, identical for both modules.
-  fshape = variables['params']['scale'].shape
-  params = {'scale': 1.0 + 0.3 * jax.random.normal(jax.random.key(2), fshape),
-            'bias': 0.1 * jax.random.normal(jax.random.key(3), fshape)}
-  params = jax.tree_util.tree_map(lambda p, q: p.astype(q.dtype), params, variables['params'])
-  stats = variables['batch_stats']
-
-  @jax.jit
-  def step(params, stats, x):
-    def loss(x, params):
-      y, upd = module.apply({'params': params, 'batch_stats': stats}, x,
-                            use_running_average=False, mask=mask, mutable=['batch_stats'])
-      return jnp.sum(jnp.sin(y.astype(jnp.float32)) * w), (y, upd['batch_stats'])
-    (_, (y, new_stats)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, params)
-    return y, grads, new_stats
-
-  outs = []
-  for x in xs:
-    y, grads, stats = step(params, stats, x)
-    outs.append((y, grads))
-  y_eval = jax.jit(functools.partial(module.apply, use_running_average=True))(
-      {'params': params, 'batch_stats': stats}, xs[0])
-  return outs, stats, y_eval
-
-
-def _assert_close(a, b, tol):
-  for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-    assert u.dtype == v.dtype, (u.dtype, v.dtype)
-    t = max(tol, 1e-2) if u.dtype == jnp.bfloat16 else tol  # bf16 leaves: to one bf16 rounding
-    np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(v, np.float32),
-                               rtol=t, atol=t)
+    jax.random.key(1), xs[0])
+  params = jax.tree_util.tree_map(lambda p, q: p.astype(q.dtype),
+                                  nontrivial_params(variables['params']['scale'].shape),
+                                  variables['params'])
+  return linen_train_steps(module, params, xs, w, mask)
 
 
 class FlaxEquivalenceTest(parameterized.TestCase):
@@ -71,7 +40,7 @@ class FlaxEquivalenceTest(parameterized.TestCase):
                             ('nc', False, True), ('nhwc', False, False))
   def test_training_and_eval_equal_flax_two_pass(self, layout, closed_form, masked):
     shape = SHAPES[layout]
-    xs = _batches(shape, 3)
+    xs = batches(shape, 3)
     w = jax.random.normal(jax.random.key(9), shape)
     mask = None
     if masked:
@@ -79,26 +48,26 @@ class FlaxEquivalenceTest(parameterized.TestCase):
     kw = dict(momentum=0.8, epsilon=1e-3)
     ours = _train(BatchNorm(closed_form_backward=closed_form, **kw), xs, w, mask)
     ref = _train(nn.BatchNorm(use_fast_variance=False, **kw), xs, w, mask)
-    _assert_close(ours, ref, 2e-5)
+    assert_close(ours, ref, 2e-5)
 
   def test_equal_flax_default_one_pass_variance_to_rounding(self):
     shape = SHAPES['nhwc']
-    xs = _batches(shape, 2)
+    xs = batches(shape, 2)
     w = jax.random.normal(jax.random.key(9), shape)
-    _assert_close(_train(BatchNorm(), xs, w), _train(nn.BatchNorm(), xs, w), 1e-4)
+    assert_close(_train(BatchNorm(), xs, w), _train(nn.BatchNorm(), xs, w), 1e-4)
 
   @parameterized.parameters(dict(dtype=None), dict(dtype=jnp.bfloat16))
   def test_bf16_input_equals_flax(self, dtype):
     # bf16 input: float32 statistics; output dtype inferred as in Flax (float32 with float32
     # params, bf16 with dtype=bf16).
     shape = SHAPES['nhwc']
-    xs = _batches(shape, 2, jnp.bfloat16)
+    xs = batches(shape, 2, jnp.bfloat16)
     w = jax.random.normal(jax.random.key(9), shape)
     ours = _train(BatchNorm(dtype=dtype), xs, w)
     ref = _train(nn.BatchNorm(dtype=dtype, use_fast_variance=False), xs, w)
     self.assertEqual(ours[0][0][0].dtype, jnp.float32 if dtype is None else jnp.bfloat16)
     self.assertEqual(ours[1]['mean'].dtype, jnp.float32)
-    _assert_close(ours, ref, 2e-5)
+    assert_close(ours, ref, 2e-5)
 
   def test_variables_structure_shapes_and_dtypes_equal_flax(self):
     x = jnp.ones((4, 3, 6))
@@ -108,12 +77,12 @@ class FlaxEquivalenceTest(parameterized.TestCase):
       ours = BatchNorm(**kw).init(jax.random.key(0), x, use_running_average=False)
       ref = nn.BatchNorm(**kw).init(jax.random.key(0), x, use_running_average=False)
       self.assertEqual(spec(ours), spec(ref))
-      _assert_close(ours, ref, 0.0)
+      assert_close(ours, ref, 0.0)
 
   def test_feature_axes_tuple_equals_flax(self):
-    x = _batches((4, 3, 6), 1)[0]
+    x = batches((4, 3, 6), 1)[0]
     w = jax.random.normal(jax.random.key(9), x.shape)
-    _assert_close(_train(BatchNorm(axis=(1, 2)), [x], w),
+    assert_close(_train(BatchNorm(axis=(1, 2)), [x], w),
                   _train(nn.BatchNorm(axis=(1, 2), use_fast_variance=False), [x], w), 2e-5)
 
   def test_large_offset_statistics_exact_where_flax_default_is_not(self):
@@ -131,7 +100,7 @@ class FlaxEquivalenceTest(parameterized.TestCase):
 class GhostBatchNormTest(parameterized.TestCase):
 
   def test_ghost_batches_equal_flax_per_group_and_average_stats(self):
-    x = _batches((12, 2, 2, 3), 1)[0]
+    x = batches((12, 2, 2, 3), 1)[0]
     bn = BatchNorm(ghost_batch_size=4, momentum=0.5)
     v = bn.init(jax.random.key(0), x, use_running_average=False)
     y, upd = bn.apply(v, x, use_running_average=False, mutable=['batch_stats'])
@@ -146,7 +115,7 @@ class GhostBatchNormTest(parameterized.TestCase):
     np.testing.assert_allclose(upd['batch_stats']['mean'], np.mean(means, 0), rtol=1e-5)
     np.testing.assert_allclose(upd['batch_stats']['var'], np.mean(vars_, 0), rtol=1e-5)
 
-  def test_init_with_a_batch_of_one_ignores_ghost_batches(self):
+  def test_init_with_a_batch_of_one_ignores_ghostbatches(self):
     bn = BatchNorm(ghost_batch_size=4)
     v = bn.init(jax.random.key(0), jnp.ones((1, 3)), use_running_average=False)
     self.assertEqual(v['batch_stats']['mean'].shape, (3,))
@@ -178,7 +147,7 @@ class MultiDeviceTest(parameterized.TestCase):
 
   def test_shard_map_with_axis_name_equals_single_device(self):
     mesh = jax.make_mesh((8,), ('batch',))
-    x = _batches((32, 2, 2, 3), 1)[0]
+    x = batches((32, 2, 2, 3), 1)[0]
     w = jax.random.normal(jax.random.key(9), x.shape)
     v, full_loss = self._full(x, w)
     (_, (y_ref, st_ref)), (gp_ref, gx_ref) = jax.jit(
@@ -187,7 +156,7 @@ class MultiDeviceTest(parameterized.TestCase):
     # axis_name is dropped while initializing, so init works outside shard_map.
     bn = BatchNorm(momentum=0.9, axis_name='batch')
     v2 = bn.init(jax.random.key(0), x, use_running_average=False)
-    _assert_close(v2, v, 0.0)
+    assert_close(v2, v, 0.0)
 
     def local_step(params, stats, x, w):
       def loss(params, x):
@@ -205,14 +174,14 @@ class MultiDeviceTest(parameterized.TestCase):
     put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
     y, st, gp, gx = step(put(v['params'], P()), put(v['batch_stats'], P()), put(x, P('batch')),
                          put(w, P('batch')))
-    _assert_close((y, st, gp, gx), (y_ref, st_ref, gp_ref, gx_ref), 2e-5)
+    assert_close((y, st, gp, gx), (y_ref, st_ref, gp_ref, gx_ref), 2e-5)
 
   def test_jit_with_batch_sharded_over_mesh_equals_single_device(self):
     mesh = jax.make_mesh((8,), ('batch',))
-    x = _batches((16, 2, 2, 3), 1)[0]
+    x = batches((16, 2, 2, 3), 1)[0]
     w = jax.random.normal(jax.random.key(9), x.shape)
     v, loss = self._full(x, w)
     grad = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))
     ref = grad(v['params'], x)
     xs = jax.device_put(x, NamedSharding(mesh, P('batch')))
-    _assert_close(grad(v['params'], xs), ref, 2e-5)
+    assert_close(grad(v['params'], xs), ref, 2e-5)

@@ -5,14 +5,13 @@ running statistics), in the style of Flax's own linen/nnx consistency tests; and
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
+from bn_reference import assert_close, batches, linen_train_steps, nontrivial_params
 from flax import nnx
 
 from jaxnorm import linen as jlinen
@@ -21,36 +20,10 @@ from jaxnorm import nnx as jnnx
 SHAPES = {'nhwc': (8, 3, 3, 4), 'nc': (16, 5)}
 
 
-def _batches(shape, n, dtype=jnp.float32):
-  keys = jax.random.split(jax.random.key(0), n)
-  return [(2.0 * jax.random.normal(k, shape) + 0.5 * i).astype(dtype) for i, k in enumerate(keys)]
-
-
-def _params(c):
-  return {'scale': 1.0 + 0.3 * jax.random.normal(jax.random.key(2), (c,)),
-          'bias': 0.1 * jax.random.normal(jax.random.key(3), (c,))}
-
-
 def _run_linen(module, params, xs, w, mask):
-  stats = jax.jit(functools.partial(module.init, use_running_average=False))(
-      jax.random.key(1), xs[0])['batch_stats']
-
-  @jax.jit
-  def step(params, stats, x):
-    def loss(x, params):
-      y, upd = module.apply({'params': params, 'batch_stats': stats}, x,
-                            use_running_average=False, mask=mask, mutable=['batch_stats'])
-      return jnp.sum(jnp.sin(y.astype(jnp.float32)) * w), (y, upd['batch_stats'])
-    (_, (y, stats)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, params)
-    return y, grads, stats
-
-  outs = []
-  for x in xs:
-    y, grads, stats = step(params, stats, x)
-    outs.append((y, grads[0], grads[1]['scale'], grads[1]['bias']))
-  y_eval = jax.jit(functools.partial(module.apply, use_running_average=True))(
-      {'params': params, 'batch_stats': stats}, xs[0])
-  return outs, (stats['mean'], stats['var']), y_eval
+  outs, stats, y_eval = linen_train_steps(module, params, xs, w, mask)
+  return ([(y, gx, gp['scale'], gp['bias']) for y, (gx, gp) in outs],
+          (stats['mean'], stats['var']), y_eval)
 
 
 def _run_nnx(model, params, xs, w, mask):
@@ -76,14 +49,6 @@ def _run_nnx(model, params, xs, w, mask):
   return outs, (model.mean[...], model.var[...]), y_eval
 
 
-def _assert_close(a, b, tol):
-  for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-    assert u.dtype == v.dtype, (u.dtype, v.dtype)
-    t = max(tol, 1e-2) if u.dtype == jnp.bfloat16 else tol
-    np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(v, np.float32),
-                               rtol=t, atol=t)
-
-
 class LinenConsistencyTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
@@ -96,24 +61,24 @@ class LinenConsistencyTest(parameterized.TestCase):
   )
   def test_same_params_same_outputs_gradients_and_running_stats(self, layout, kw, masked, dtype):
     shape = SHAPES[layout]
-    xs = _batches(shape, 3, dtype)
+    xs = batches(shape, 3, dtype)
     w = jax.random.normal(jax.random.key(9), shape)
     mask = (jnp.arange(shape[0]) % 4 != 1)[:, None] if masked else None
     kw = dict(momentum=0.8, epsilon=1e-3, **kw)
-    params = _params(shape[-1])
+    params = nontrivial_params((shape[-1],))
     ref = _run_linen(jlinen.BatchNorm(**kw), params, xs, w, mask)
     ours = _run_nnx(jnnx.BatchNorm(shape[-1], rngs=nnx.Rngs(0), **kw), params, xs, w, mask)
-    _assert_close(ours, ref, 1e-6)
+    assert_close(ours, ref, 1e-6)
 
   def test_equals_flax_nnx_batch_norm(self):
     shape = SHAPES['nhwc']
-    xs = _batches(shape, 3)
+    xs = batches(shape, 3)
     w = jax.random.normal(jax.random.key(9), shape)
-    params = _params(shape[-1])
+    params = nontrivial_params((shape[-1],))
     kw = dict(momentum=0.8, epsilon=1e-3, rngs=nnx.Rngs(0))
     ours = _run_nnx(jnnx.BatchNorm(shape[-1], **kw), params, xs, w, None)
     ref = _run_nnx(nnx.BatchNorm(shape[-1], use_fast_variance=False, **kw), params, xs, w, None)
-    _assert_close(ours, ref, 2e-5)
+    assert_close(ours, ref, 2e-5)
 
   def test_variables_are_params_and_batch_stats_like_linen(self):
     model = jnnx.BatchNorm(6, rngs=nnx.Rngs(0))
@@ -131,7 +96,7 @@ class LinenConsistencyTest(parameterized.TestCase):
     self.assertEmpty(jax.tree_util.tree_leaves(nnx.state(no_scale, nnx.Param)))
 
   def test_nnx_jit_training_step_updates_running_stats_in_place(self):
-    x = _batches(SHAPES['nc'], 1)[0]
+    x = batches(SHAPES['nc'], 1)[0]
     model = jnnx.BatchNorm(5, momentum=0.5, rngs=nnx.Rngs(0))
 
     @nnx.jit
@@ -157,7 +122,7 @@ class LinenConsistencyTest(parameterized.TestCase):
 
 def test_linen_reference_is_flax_like():
   # Sanity of the reference used above: jaxnorm.linen.BatchNorm == flax.linen.BatchNorm (eval).
-  x = _batches((4, 3), 1)[0]
+  x = batches((4, 3), 1)[0]
   v = nn.BatchNorm().init(jax.random.key(0), x, use_running_average=True)
   np.testing.assert_allclose(jlinen.BatchNorm().apply(v, x, use_running_average=True),
                              nn.BatchNorm().apply(v, x, use_running_average=True), rtol=1e-7)

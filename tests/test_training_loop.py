@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import os
 
-import flax.linen as nn
 import jax
 import pytest
+from tiny_cnn import TinyCNN
 
 from jaxnorm.training import NonFiniteLossError, default_config, read_metrics, train
-
-
-class TinyCNN(nn.Module):
-  num_classes: int = 10
-  use_norm: bool = True
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    x = nn.Conv(8, (3, 3))(x)
-    if self.use_norm:
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
-    x = nn.relu(x).reshape(x.shape[0], -1)
-    return nn.Dense(self.num_classes)(x)
 
 
 def _config(**overrides):

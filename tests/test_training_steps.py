@@ -8,19 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tiny_cnn import TinyCNN
 
 from jaxnorm.training import steps
 
 
-class TinyCNN(nn.Module):
-  num_classes: int = 5
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    x = nn.Conv(4, (3, 3))(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
-    x = nn.relu(x).reshape(x.shape[0], -1)
-    return nn.Dense(self.num_classes)(x)
+def _tiny_cnn():
+  return TinyCNN(num_classes=5, features=4)
 
 
 def _batch(n=16, seed=0):
@@ -32,7 +26,7 @@ def _batch(n=16, seed=0):
 def _run(devices, batch, num_steps=2, compute_dtype=jnp.float32):
   mesh = steps.make_mesh(devices)
   tx = optax.sgd(0.1, momentum=0.9)
-  model = TinyCNN()
+  model = _tiny_cnn()
   state = steps.create_train_state(model, tx, batch['image'], 0, mesh)
   train_step = steps.make_train_step(model, tx, mesh, compute_dtype=compute_dtype)
   metrics = []
@@ -55,10 +49,10 @@ def test_step_on_8_devices_equals_step_on_1_device():
   # BatchNorm statistics are global: the running mean after one step from zero init equals
   # (1 - momentum) * batch mean of the conv output over the whole global batch.
   mesh = steps.make_mesh(jax.devices())
-  state = steps.create_train_state(TinyCNN(), optax.sgd(0.1), batch['image'], 0, mesh)
+  state = steps.create_train_state(_tiny_cnn(), optax.sgd(0.1), batch['image'], 0, mesh)
   conv = nn.Conv(4, (3, 3))
   y = conv.apply({'params': jax.device_get(state.params)['Conv_0']}, batch['image'])
-  new, _ = steps.make_train_step(TinyCNN(), optax.sgd(0.1), mesh)(
+  new, _ = steps.make_train_step(_tiny_cnn(), optax.sgd(0.1), mesh)(
       state, steps.shard_batch(batch, mesh))
   np.testing.assert_allclose(new.batch_stats['BatchNorm_0']['mean'],
                              0.1 * np.asarray(y).mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
@@ -94,7 +88,7 @@ def test_bf16_compute_keeps_float32_params_and_statistics_and_tracks_float32():
 def test_eval_step_counts_only_unmasked_examples():
   mesh = steps.make_mesh(jax.devices())
   batch = _batch(16)
-  model = TinyCNN()
+  model = _tiny_cnn()
   state = steps.create_train_state(model, optax.sgd(0.1), batch['image'], 0, mesh)
   mask = np.zeros(16, np.float32)
   mask[:5] = 1
