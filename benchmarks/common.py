@@ -40,7 +40,8 @@ SMOKE = Sizes(smoke=True, repeats=1, warmup=0, batch=4, width=4, image=8, resnet
               resnet56=8, mlp_depth=4)
 
 
-_EMITTED: list[Table] = []
+# id(table) -> its Markdown when last logged: run.py logs a table again if rows came after.
+_EMITTED: dict[int, str] = {}
 _EMIT = [None]
 
 
@@ -48,8 +49,9 @@ def emit(table: Table) -> Table:
   """Logs a finished table at once (``run.py`` installs the logger), so a long run that is
   interrupted still leaves every table it finished. Returns the table."""
   if _EMIT[0] is not None:
-    _EMIT[0](table.to_markdown())
-    _EMITTED.append(table)
+    text = table.to_markdown()
+    _EMIT[0](text)
+    _EMITTED[id(table)] = text
   return table
 
 

@@ -65,7 +65,8 @@ def run(sections=SECTIONS, smoke: bool = False, log=print) -> dict[str, list[Tab
     tables = importlib.import_module(f'benchmarks.{name}').run(sizes)
     log(f'<!-- section {name}: {time.perf_counter() - start:.1f} s -->')
     for t in tables:
-      if not any(t is e for e in common._EMITTED):
+      # Unlogged tables, and tables logged early (partial) that got rows since.
+      if common._EMITTED.get(id(t)) != t.to_markdown():
         log(t.to_markdown())
     out[name] = tables
   return out

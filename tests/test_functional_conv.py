@@ -195,3 +195,36 @@ def test_bad_inputs_raise():
     conv(jnp.ones((1, 4, 4, 2), jnp.int32), jnp.ones((3, 3, 2, 2)))
   with pytest.raises(ValueError, match='dilated kernel size'):
     conv(jnp.ones((1, 2, 2, 2)), jnp.ones((3, 3, 2, 2)), padding='VALID')
+
+
+@pytest.mark.parametrize('s', [1, 2])
+def test_kernel_gradient_summed_over_batch_chunks_equals_autodiff_float64(s):
+  # Batch 64 >= KERNEL_GRAD_MIN_BATCH: the kernel gradient runs as a scan over 8 chunks of 8.
+  from jaxnorm.functional import conv as conv_module
+
+  assert conv_module.KERNEL_GRAD_BATCH_CHUNK == 8 and conv_module.KERNEL_GRAD_MIN_BATCH <= 64
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(s)
+    x = jnp.asarray(rng.normal(size=(64, 7, 6, 3)))
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 5)))
+    _, got, want = _forward_and_both_grads(x, w, strides=s, padding='SAME')
+    hlo = jax.jit(lambda x, w: _grads(x, w, True, strides=s)).lower(x, w).as_text()
+    assert 'while' in hlo  # the chunked path was taken
+    chex.assert_trees_all_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_kernel_gradient_chunks_of_bfloat16_round_once():
+  # bf16 x and g: the chunked kernel gradient is accumulated in float32 and rounded once, so it is
+  # the float32 result of the same bf16 values to within one bf16 rounding (2^-8 relative).
+  from jaxnorm.functional import conv as conv_module
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(64, 6, 6, 4)), jnp.bfloat16)
+  g = jnp.asarray(rng.normal(size=(64, 6, 6, 2)), jnp.bfloat16)
+  dw_of = lambda w: jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
+  dw = jax.jit(dw_of)(jnp.zeros((3, 3, 4, 2), jnp.bfloat16))
+  want = conv_module._kernel_grad_conv(
+    x.astype(jnp.float32), g.astype(jnp.float32), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), None,
+    conv_module._dimension_numbers(2))
+  assert dw.dtype == jnp.bfloat16
+  np.testing.assert_allclose(dw.astype(jnp.float32), want, rtol=2**-8, atol=1e-6)
