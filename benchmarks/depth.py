@@ -41,7 +41,7 @@ def run(sizes: Sizes) -> list[Table]:
            f'{depths[0]} scanned compile; default path step <= {STEP_TARGET}x the fastest path '
            'at every depth that compiles.',
            f'Unrolled depth > {UNROLLED_LIMIT} not attempted (unrolled depth 998 did not compile '
-           'in 25 min, ECOSYSTEM.md); batch 16 keeps the depth-1202 step near 10-30 s here.'])
+           'in 25 min, ECOSYSTEM.md); batch 16 keeps the depth-1202 step to seconds.'])
   if sizes.smoke:
     table.notes.insert(0, 'SMOKE sizes; numbers are meaningless')
   base_compile = None
