@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import chex
 import hypothesis
 import hypothesis.strategies as st
@@ -10,7 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnorm.functional.kernel_standardization import pws_fan, standardize_kernel
+from jaxnorm.functional.kernel_standardization import (
+    check_fan_in,
+    check_stabilizer,
+    pws_fan,
+    pws_init_alpha,
+    standardize_kernel,
+)
 
 
 def numpy_standardize(w, method, *, eps=None, scale=None, gamma=1e-5, mode='fan_in', equiv=False):
@@ -183,3 +192,100 @@ def test_bad_kernels_raise():
     standardize_kernel(jnp.ones((4,)), 'ws')
   with pytest.raises(ValueError, match='2 entries'):
     standardize_kernel(jnp.ones((1, 1, 1, 4)), 'ws_std')
+
+
+# ----------------------------------------------------------------------------------------------
+# Degenerate filters, stabilizer checks, the data-dependent PWS alpha init
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('method,kwargs', [
+    ('pws', dict(gamma=0.0)), ('pws', dict(gamma=0.0, equiv=True)), ('ws', dict(eps=0.0)),
+    ('ws_std', dict(eps=0.0))])
+def test_zero_stabilizer_constant_filter_is_zero_with_finite_gradient(method, kwargs):
+  # Filter 0 is constant (0 / 0 without a stabilizer): defined as zeros, gradient finite.
+  # The other filters still match the numpy reference exactly.
+  w = _kernel((3, 3, 2, 4), std=0.5)
+  w[..., 0] = 0.7
+  out, g = jax.jit(jax.value_and_grad(
+      lambda w: jnp.sum(jnp.sin(standardize_kernel(w, method, **kwargs)))))(w)
+  got = np.asarray(standardize_kernel(w, method, **kwargs))
+  np.testing.assert_array_equal(got[..., 0], 0.0)
+  np.testing.assert_allclose(got[..., 1:], numpy_standardize(w[..., 1:], method, **kwargs),
+                             rtol=2e-5, atol=2e-6)
+  assert np.isfinite(out) and np.all(np.isfinite(g))
+  np.testing.assert_array_equal(np.asarray(g)[..., 0], 0.0)
+
+
+@pytest.mark.parametrize('method,kwargs', [
+    ('ws', {}), ('ws', dict(eps=0.0)), ('scaled_ws', {}), ('pws', {}), ('pws', dict(gamma=0.0)),
+    ('pws', dict(mode='fan_out'))])
+def test_single_entry_filters_are_zero_with_finite_gradient(method, kwargs):
+  # fan_in 1: each filter is its own mean, so its standardized value is 0 for every stabilizer.
+  w = _kernel((1, 1, 1, 3))
+  out, g = jax.value_and_grad(lambda w: jnp.sum(standardize_kernel(w, method, **kwargs)))(w)
+  np.testing.assert_array_equal(standardize_kernel(w, method, **kwargs), 0.0)
+  assert out == 0.0
+  np.testing.assert_array_equal(g, 0.0)
+
+
+@pytest.mark.parametrize('method,arg,value,expected', [
+    ('pws', 'gamma', float('nan'), 'a finite non-negative number'),
+    ('pws', 'gamma', float('inf'), 'a finite non-negative number'),
+    ('pws', 'gamma', -1e-5, 'a finite non-negative number'),
+    ('ws', 'eps', float('nan'), 'a finite non-negative number'),
+    ('ws_std', 'eps', float('inf'), 'a finite non-negative number'),
+    ('scaled_ws', 'eps', float('nan'), 'a finite positive number'),
+    ('scaled_ws', 'eps', 0.0, 'a finite positive number'),
+])
+def test_nan_inf_and_negative_stabilizers_raise(method, arg, value, expected):
+  with pytest.raises(ValueError, match=re.escape(
+      f'standardize_kernel: argument `{arg}` expected {expected}, got {value!r}.')):
+    standardize_kernel(jnp.ones((3, 3, 2, 4)), method, **{arg: value})
+
+
+def test_stabilizer_check_rejects_non_numbers():
+  with pytest.raises(TypeError, match='`gamma` expected a finite'):
+    check_stabilizer('PWSConv', 'gamma', 'small', allow_zero=True)
+  check_stabilizer('PWSConv', 'gamma', np.float32(1e-3), allow_zero=True)  # concrete scalars ok
+
+
+def test_check_fan_in_warns_for_single_entry_filters_and_ws_std_raises():
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    check_fan_in('WSConv', (1, 1, 2, 4), 'ws')  # fan_in 2: silent
+  for method in ('ws', 'scaled_ws', 'pws'):
+    with pytest.warns(UserWarning, match=r'MyConv: fan_in is 1 .*outputs only its bias'):
+      check_fan_in('MyConv', (1, 1, 1, 4), method)
+  with pytest.raises(ValueError, match="WSConv: argument `kernel_size` .* 'ws_std'"):
+    check_fan_in('WSConv', (1, 1, 1, 4), 'ws_std')
+
+
+def test_pws_init_alpha_matches_unbiased_variance_reference_without_warning():
+  out = _kernel((4, 5, 5, 3), std=0.3)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    alpha = pws_init_alpha(out, 6)
+  np.testing.assert_allclose(alpha, np.full(6, np.sqrt(2 / out.astype(np.float64).var(ddof=1))),
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize('jit', [False, True])
+@pytest.mark.parametrize('out,dtype,var', [
+    (np.zeros((2, 4, 4, 3), np.float32), jnp.float32, '0.0'),           # all-zeros batch
+    (np.full((2, 4, 4, 3), 5.0, np.float32), jnp.bfloat16, '0.0'),      # constant output
+    (np.array([0.0, 1e-6, 0.0, 1e-6], np.float32), jnp.float16, '3.3'),  # alpha overflows fp16
+    (np.array([0.0, np.nan], np.float32), jnp.float32, 'nan'),
+])
+def test_pws_init_alpha_falls_back_to_one_and_warns_eager_and_jitted(out, dtype, var, jit):
+  init = jax.jit(pws_init_alpha, static_argnums=(1, 2)) if jit else pws_init_alpha
+  with pytest.warns(UserWarning, match=rf'PWSConv: init_alpha: .* variance {var}.*falls back '
+                    r'to its default 1\.0'):
+    alpha = init(out, 5, dtype)
+    jax.effects_barrier()  # the jitted warning comes from jax.debug.callback
+  assert alpha.dtype == dtype and alpha.shape == (5,)
+  np.testing.assert_array_equal(np.asarray(alpha, np.float32), 1.0)
+
+
+def test_pws_init_alpha_needs_two_entries():
+  with pytest.raises(ValueError, match='PWSConv: argument `inputs` .* >= 2 entries for init_alpha'):
+    pws_init_alpha(jnp.ones((1, 1, 1, 1)), 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import chex
 import flax.linen as nn
 import jax
@@ -242,3 +244,81 @@ def test_standardized_conv_bfloat16():
 def test_bad_hyperparameters_raise(layer, match):
   with pytest.raises(ValueError, match=match):
     layer.init(jax.random.key(0), jnp.ones((1, 5, 5, 2)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Degenerate cases: init_alpha on a batch without variance, zero stabilizers, fan_in 1
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings('ignore:PWSConv. fan_in is 1')  # tested below
+@pytest.mark.parametrize('jit', [False, True])
+@pytest.mark.parametrize('case', ['zeros_batch', 'fan_in_1'])
+def test_pws_init_alpha_without_variance_falls_back_to_one_and_warns(case, jit):
+  # Before: alpha = sqrt(2 / 0) = inf and every output nan (all-zeros init batch, or fan_in 1
+  # where every standardized filter is 0, hence the output too).
+  if case == 'zeros_batch':
+    layer, x = PWSConv(4, (3, 3), init_alpha=True), jnp.zeros((2, 5, 5, 3))
+  else:
+    layer, x = PWSConv(4, (1, 1), init_alpha=True), _x((2, 5, 5, 1))
+  init = jax.jit(layer.init) if jit else layer.init
+  with pytest.warns(UserWarning, match=r'PWSConv: init_alpha: .*variance 0\.0.*default 1\.0'):
+    variables = init(jax.random.key(0), x)
+    jax.effects_barrier()  # under jit the warning comes from jax.debug.callback
+  np.testing.assert_array_equal(variables['params']['alpha'], np.ones(4))
+  y = layer.apply(variables, _x(x.shape, seed=1))
+  assert np.all(np.isfinite(y))
+  # Same as a layer initialized without the data-dependent init.
+  plain = PWSConv(4, layer.kernel_size).init(jax.random.key(0), x)
+  chex.assert_trees_all_close(variables, plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('layer,arg,value', [
+    (PWSConv(4, (3, 3), gamma=float('nan')), 'gamma', 'nan'),
+    (PWSConv(4, (3, 3), gamma=float('inf')), 'gamma', 'inf'),
+    (PWSConv(4, (3, 3), gamma=-1e-3), 'gamma', '-0.001'),
+    (WSConv(4, (3, 3), eps=float('nan')), 'eps', 'nan'),
+    (WSConv(4, (3, 3), method='ws_std', eps=float('inf')), 'eps', 'inf'),
+    (ScaledWSConv(4, (3, 3), eps=float('nan')), 'eps', 'nan'),
+    (ScaledWSConv(4, (3, 3), eps=0.0), 'eps', '0.0'),
+])
+def test_nan_inf_and_negative_stabilizers_raise_naming_the_layer(layer, arg, value):
+  name = type(layer).__name__
+  with pytest.raises(ValueError, match=rf'{name}: argument `{arg}` expected a finite '
+                     rf'(non-negative|positive) number, got {value}\.'):
+    layer.init(jax.random.key(0), jnp.ones((1, 5, 5, 2)))
+
+
+@pytest.mark.parametrize('layer', [PWSConv(3, (3, 3), gamma=0.0), WSConv(3, (3, 3), eps=0.0),
+                                   WSConv(3, (3, 3), method='ws_std', eps=0.0)])
+def test_zero_stabilizer_with_constant_kernel_outputs_bias_with_finite_gradients(layer):
+  # Before: 0 / 0 = nan. A constant filter standardizes to 0, so the output is the bias.
+  x = _x((2, 5, 5, 2))
+  variables = layer.init(jax.random.key(0), x)
+  params = dict(variables['params'], kernel=jnp.full((3, 3, 2, 3), 0.3),
+                bias=jnp.array([0.1, -0.2, 0.3]))
+  y = layer.apply({'params': params}, x)
+  np.testing.assert_array_equal(y, np.broadcast_to(params['bias'], y.shape))
+  _, (g, gx) = _loss_and_grads(layer, {'params': params}, x)
+  assert all(np.all(np.isfinite(t)) for t in jax.tree.leaves((g, gx)))
+
+
+@pytest.mark.parametrize('make', [lambda: WSConv(3, (1, 1)), lambda: WSConv(3, (1, 1), eps=0.0),
+                                  lambda: ScaledWSConv(3, (1, 1)), lambda: PWSConv(3, (1, 1))])
+def test_fan_in_one_outputs_bias_and_warns_at_init(make):
+  # One input channel, 1x1 kernel: each filter has a single entry, standardized to 0.
+  layer, x = make(), _x((2, 4, 4, 1))
+  with pytest.warns(UserWarning, match=rf'{type(layer).__name__}: fan_in is 1'):
+    variables = layer.init(jax.random.key(0), x)
+  variables = jax.tree.map(lambda p: p + 0.3 * _x(p.shape, seed=p.size), variables)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # apply does not warn again
+    y = layer.apply(variables, x)
+  np.testing.assert_array_equal(y, np.broadcast_to(variables['params']['bias'], y.shape))
+  _, (g, gx) = _loss_and_grads(layer, variables, x)
+  assert all(np.all(np.isfinite(t)) for t in jax.tree.leaves((g, gx)))
+
+
+def test_ws_std_fan_in_one_raises_naming_the_layer():
+  with pytest.raises(ValueError, match="WSConv: argument `kernel_size` expected a filter of at "
+                     "least 2 entries .* 'ws_std'"):
+    WSConv(3, (1, 1), method='ws_std').init(jax.random.key(0), jnp.ones((1, 4, 4, 1)))

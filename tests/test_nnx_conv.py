@@ -108,3 +108,67 @@ def test_bad_arguments_raise():
     jn.ScaledWSConv(2, 2, 3, use_bias=False, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='rank'):
     jn.Conv(2, 2, 3, rngs=nnx.Rngs(0))(jnp.ones((1, 1, 4, 4, 2)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Degenerate cases: initialize_alpha on a batch without variance, bad stabilizers, fan_in 1
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings('ignore:PWSConv. fan_in is 1')  # tested below
+@pytest.mark.parametrize('jit', [False, True])
+@pytest.mark.parametrize('case', ['zeros_batch', 'fan_in_1'])
+def test_pws_initialize_alpha_without_variance_falls_back_to_one_and_warns(case, jit):
+  # Before: alpha = inf, every output nan. Now: alpha = 1 (the default) and a warning.
+  if case == 'zeros_batch':
+    mod, x = jn.PWSConv(3, 4, (3, 3), rngs=nnx.Rngs(0)), jnp.zeros((2, 5, 5, 3))
+  else:
+    mod, x = jn.PWSConv(1, 4, (1, 1), rngs=nnx.Rngs(0)), _x((2, 5, 5, 1))
+  init = lambda m, x: m.initialize_alpha(x)
+  init = nnx.jit(init) if jit else init
+  with pytest.warns(UserWarning, match=r'PWSConv: initialize_alpha \(init_alpha\): .*variance '
+                    r'0\.0.*default 1\.0'):
+    alpha = init(mod, x)
+    jax.effects_barrier()  # under jit the warning comes from jax.debug.callback
+  np.testing.assert_array_equal(alpha, np.ones(4))
+  np.testing.assert_array_equal(mod.alpha[...], np.ones(4))
+  assert np.all(np.isfinite(mod(_x(x.shape, seed=1))))
+
+
+@pytest.mark.parametrize('name,kwargs,arg,value', [
+    ('PWSConv', dict(gamma=float('nan')), 'gamma', 'nan'),
+    ('PWSConv', dict(gamma=float('inf')), 'gamma', 'inf'),
+    ('PWSConv', dict(gamma=-1.0), 'gamma', '-1.0'),
+    ('WSConv', dict(eps=float('nan')), 'eps', 'nan'),
+    ('ScaledWSConv', dict(eps=float('inf')), 'eps', 'inf'),
+    ('ScaledWSConv', dict(eps=0.0), 'eps', '0.0'),
+])
+def test_nan_inf_and_negative_stabilizers_raise_at_construction(name, kwargs, arg, value):
+  with pytest.raises(ValueError, match=rf'{name}: argument `{arg}` expected a finite '
+                     rf'(non-negative|positive) number, got {value}\.'):
+    getattr(jn, name)(2, 2, 3, rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_zero_gamma_with_constant_kernel_outputs_bias_like_linen():
+  # Before: 0 / 0 = nan. A constant filter standardizes to 0: the output is the bias.
+  x = _x((2, 5, 5, 2))
+  mod = jn.PWSConv(2, 3, (3, 3), gamma=0.0, rngs=nnx.Rngs(0))
+  mod.kernel[...] = jnp.full((3, 3, 2, 3), 0.3)
+  mod.bias[...] = jnp.array([0.1, -0.2, 0.3])
+  np.testing.assert_array_equal(mod(x), np.broadcast_to(mod.bias[...], (2, 5, 5, 3)))
+  g = nnx.grad(lambda m: jnp.sum(jnp.tanh(m(x)) ** 2))(mod)
+  assert all(np.all(np.isfinite(t)) for t in jax.tree.leaves(nnx.state(g)))
+
+
+@pytest.mark.parametrize('name', ['WSConv', 'ScaledWSConv', 'PWSConv'])
+def test_fan_in_one_warns_at_construction_and_outputs_bias(name):
+  # One input channel, 1x1 kernel: each filter has a single entry, standardized to 0.
+  with pytest.warns(UserWarning, match=rf'{name}: fan_in is 1'):
+    mod = getattr(jn, name)(1, 3, 1, rngs=nnx.Rngs(0))
+  mod.bias[...] = jnp.array([0.1, -0.2, 0.3])
+  y = mod(_x((2, 4, 4, 1)))
+  np.testing.assert_array_equal(y, np.broadcast_to(mod.bias[...], y.shape))
+
+
+def test_ws_std_fan_in_one_raises_at_construction():
+  with pytest.raises(ValueError, match="WSConv: argument `kernel_size` .* 'ws_std'"):
+    jn.WSConv(1, 3, 1, method='ws_std', rngs=nnx.Rngs(0))

@@ -26,7 +26,13 @@ import jax.numpy as jnp
 from jaxnorm.functional import initializers
 from jaxnorm.functional._checks import check_choice, fail
 from jaxnorm.functional.conv import PaddingLike, conv
-from jaxnorm.functional.kernel_standardization import FAN_MODES, standardize_kernel
+from jaxnorm.functional.kernel_standardization import (
+    FAN_MODES,
+    check_fan_in,
+    check_stabilizer,
+    pws_init_alpha,
+    standardize_kernel,
+)
 
 Initializer = Any
 Dtype = Any
@@ -57,6 +63,12 @@ def add_batch_axis(layer: str, inputs: jax.Array, num_spatial: int) -> tuple[jax
   fail(layer, 'inputs', f'an array of rank {num_spatial + 2} (N, *spatial, C) or '
        f'{num_spatial + 1} (unbatched) for a {num_spatial}-D kernel',
        f'rank {inputs.ndim} (shape {inputs.shape})')
+
+
+def _check_fan_in(module: nn.Module, layer: str, kernel_shape, method: str) -> None:
+  """``check_fan_in`` at ``init`` only (its error is raised at every call, its warning once)."""
+  if method == 'ws_std' or module.is_initializing():
+    check_fan_in(layer, kernel_shape, method)
 
 
 class _ConvBase(nn.Module):
@@ -181,9 +193,14 @@ class WSConv(_ConvBase):
   released PyTorch code: unbiased std, eps outside the sqrt), per output channel over ``(H, W, I)``.
   No scale: WS is meant to be followed by a normalization layer (GroupNorm / BatchNorm).
 
+  A filter with zero spread and ``eps = 0`` standardizes to 0 (not 0 / 0). ``fan_in = 1``
+  (``kh * kw * Cin = 1``): every standardized filter is 0, so the layer outputs only its bias;
+  ``'ws'`` warns at ``init``, ``'ws_std'`` raises (its unbiased std needs 2 entries).
+
   Attributes:
     method: ``'ws'`` (paper) or ``'ws_std'`` (released code).
-    eps: 1e-5 in both.
+    eps: 1e-5 in both; a finite number >= 0 (nan, inf and negative values raise ValueError at
+      ``init``/``apply``).
     use_bias: whether to add a bias (default True).
     kernel_init: kernel initializer (LeCun normal; the scale is removed by the standardization).
     bias_init: bias initializer (zeros).
@@ -204,6 +221,8 @@ class WSConv(_ConvBase):
 
   def _transform_kernel(self, kernel, inputs, conv_fn):
     check_choice('WSConv', 'method', self.method, ('ws', 'ws_std'))
+    check_stabilizer('WSConv', 'eps', self.eps, allow_zero=True)
+    _check_fan_in(self, 'WSConv', kernel.shape, self.method)
     return standardize_kernel(kernel, self.method, eps=self.eps)
 
 
@@ -214,10 +233,12 @@ class ScaledWSConv(_ConvBase):
   biased variance, ``fan_in = kh * kw * Cin``. ``gain`` has one entry per output channel (init 1),
   the bias is always present (init 0), the kernel is initialized with
   ``variance_scaling(1.0, 'fan_in', 'normal')``. Each standardized filter has sum of squares
-  ``gain^2`` exactly.
+  ``gain^2`` exactly (while ``fan_in * var > eps``). ``fan_in = 1``: every standardized filter is
+  0 (finite), so the layer outputs only its bias; a warning is emitted at ``init``.
 
   Attributes:
-    eps: lower bound on ``fan_in * var`` (1e-4).
+    eps: lower bound on ``fan_in * var`` (1e-4); a finite number > 0 (0, nan, inf and negative
+      values raise ValueError at ``init``/``apply``).
     kernel_init: kernel initializer (None: variance scaling 1.0, fan-in, normal).
     bias_init: bias initializer (zeros).
     (the other attributes as in ``Conv``)
@@ -234,6 +255,8 @@ class ScaledWSConv(_ConvBase):
     return initializers.variance_scaling(1.0, 'fan_in', 'normal')
 
   def _transform_kernel(self, kernel, inputs, conv_fn):
+    check_stabilizer('ScaledWSConv', 'eps', self.eps, allow_zero=False)
+    _check_fan_in(self, 'ScaledWSConv', kernel.shape, 'scaled_ws')
     gain = self.param('gain', nn.initializers.ones_init(), (self.features,), self.param_dtype)
     return standardize_kernel(kernel, 'scaled_ws', eps=self.eps, scale=gain)
 
@@ -253,14 +276,24 @@ class PWSConv(_ConvBase):
   **all** alpha entries are set to the scalar ``sqrt(2 / var(output))`` with torch's unbiased
   ``var`` over the whole output tensor, so that the pre-activation variance on the init batch is
   2. (In the official code this happens on the first training forward; here it happens during
-  ``Module.init`` with the init batch.)
+  ``Module.init`` with the init batch.) When that output carries no variance (an all-zeros or
+  constant init batch, or ``fan_in = 1``), ``sqrt(2 / var)`` is not finite: alpha then falls back
+  to its default **1.0** and a ``UserWarning`` naming ``PWSConv`` and ``init_alpha`` is emitted
+  (under ``jit`` the fallback still applies and the warning comes from ``jax.debug.callback``);
+  see :func:`jaxnorm.functional.kernel_standardization.pws_init_alpha`. Initialize on real data.
+
+  With ``gamma = 0`` a constant filter standardizes to 0 (not 0 / 0). ``fan_in = 1``
+  (``kh * kw * Cin = 1``): every standardized filter is 0, so the layer outputs only its bias; a
+  warning is emitted at ``init``.
 
   Attributes:
     gamma: fixed gamma added to the variance (1e-5; the official configs use 1e-3 on CIFAR and
-      1e-4 on ImageNet).
+      1e-4 on ImageNet); a finite number >= 0 (nan, inf and negative values raise ValueError at
+      ``init``/``apply``).
     mode: ``'fan_in'`` or ``'fan_out'``.
     equiv: scale gamma by ``2 / fan``.
-    init_alpha: data-dependent scalar alpha init on the init batch.
+    init_alpha: data-dependent scalar alpha init on the init batch (alpha 1.0 and a warning when
+      that batch gives an output without variance).
     kernel_init: kernel initializer (None: He normal for ``mode``).
     bias_init: bias initializer (zeros).
     (the other attributes as in ``Conv``)
@@ -283,6 +316,8 @@ class PWSConv(_ConvBase):
 
   def _transform_kernel(self, kernel, inputs, conv_fn):
     check_choice('PWSConv', 'mode', self.mode, FAN_MODES)
+    check_stabilizer('PWSConv', 'gamma', self.gamma, allow_zero=True)
+    _check_fan_in(self, 'PWSConv', kernel.shape, 'pws')
 
     def standardize(alpha):
       return standardize_kernel(kernel, 'pws', scale=alpha, gamma=self.gamma, mode=self.mode,
@@ -293,13 +328,9 @@ class PWSConv(_ConvBase):
       if not self.init_alpha:
         return jnp.ones(shape, dtype)
       # Official `initalpha`: output with alpha = 1 (bias 0), then alpha <- sqrt(2 / var(out)),
-      # var unbiased (torch `.var()`) over the whole tensor.
+      # var unbiased (torch `.var()`) over the whole tensor; alpha = 1 where that is not finite.
       out = conv_fn(inputs, standardize(jnp.ones(shape, kernel.dtype))).astype(jnp.float32)
-      if out.size < 2:
-        fail('PWSConv', 'inputs', 'an init batch whose output has >= 2 entries for init_alpha '
-             '(unbiased variance)', f'output shape {out.shape}')
-      var = jnp.var(out, ddof=1)
-      return jnp.full(shape, jnp.sqrt(2.0 / var), dtype)
+      return pws_init_alpha(out, shape[0], dtype, layer='PWSConv', arg='init_alpha')
 
     alpha = self.param('alpha', alpha_init, (self.features,), self.param_dtype)
     return standardize(alpha)

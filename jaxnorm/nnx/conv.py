@@ -31,7 +31,13 @@ from flax.typing import Dtype, Initializer
 from jaxnorm.functional import initializers
 from jaxnorm.functional._checks import check_choice, fail
 from jaxnorm.functional.conv import PaddingLike, conv
-from jaxnorm.functional.kernel_standardization import FAN_MODES, standardize_kernel
+from jaxnorm.functional.kernel_standardization import (
+    FAN_MODES,
+    check_fan_in,
+    check_stabilizer,
+    pws_init_alpha,
+    standardize_kernel,
+)
 
 __all__ = ['Conv', 'WSConv', 'ScaledWSConv', 'PWSConv']
 
@@ -151,7 +157,10 @@ class WSConv(_ConvBase):
     in_features, out_features, kernel_size, strides: as :class:`Conv`.
     method: ``'ws'`` (paper: biased variance, eps inside the sqrt) or ``'ws_std'`` (released code:
       unbiased std + eps).
-    eps: 1e-5.
+    eps: 1e-5; a finite number >= 0 (nan, inf, negative: ValueError). With 0, a constant filter
+      standardizes to 0. ``fan_in = 1`` (``prod(kernel_size) * in_features``): every
+      standardized filter is 0 and the layer outputs its bias; ``'ws'`` warns, ``'ws_std'``
+      raises ValueError.
     **kwargs: the remaining :class:`Conv` arguments (``use_bias``, ``dtype``, ..., ``rngs``).
 
   References:
@@ -163,6 +172,9 @@ class WSConv(_ConvBase):
                kernel_init: Initializer = _LECUN_NORMAL, rngs: nnx.Rngs,
                **kwargs):
     check_choice('WSConv', 'method', method, ('ws', 'ws_std'))
+    check_stabilizer('WSConv', 'eps', eps, allow_zero=True)
+    check_fan_in('WSConv', _kernel_size('WSConv', kernel_size) + (in_features, out_features),
+                 method)
     self.method = method
     self.eps = eps
     super().__init__(in_features, out_features, kernel_size, strides, kernel_init=kernel_init,
@@ -181,7 +193,9 @@ class ScaledWSConv(_ConvBase):
 
   Args:
     in_features, out_features, kernel_size, strides: as :class:`Conv`.
-    eps: lower bound on ``fan_in * var`` (1e-4).
+    eps: lower bound on ``fan_in * var`` (1e-4); a finite number > 0 (0, nan, inf, negative:
+      ValueError). ``fan_in = 1``: every standardized filter is 0 (the layer outputs its bias);
+      a warning is emitted.
     kernel_init: kernel initializer (None: variance scaling 1.0, fan-in, normal).
     **kwargs: the remaining :class:`Conv` arguments except ``use_bias``.
 
@@ -194,6 +208,10 @@ class ScaledWSConv(_ConvBase):
                kernel_init: Initializer | None = None, rngs: nnx.Rngs, **kwargs):
     if 'use_bias' in kwargs:
       fail('ScaledWSConv', 'use_bias', 'no value (the bias is always present)', kwargs['use_bias'])
+    check_stabilizer('ScaledWSConv', 'eps', eps, allow_zero=False)
+    check_fan_in('ScaledWSConv',
+                 _kernel_size('ScaledWSConv', kernel_size) + (in_features, out_features),
+                 'scaled_ws')
     self.eps = eps
     kernel_init = kernel_init or initializers.variance_scaling(1.0, 'fan_in', 'normal')
     super().__init__(in_features, out_features, kernel_size, strides, kernel_init=kernel_init,
@@ -214,7 +232,9 @@ class PWSConv(_ConvBase):
 
   Args:
     in_features, out_features, kernel_size, strides: as :class:`Conv`.
-    gamma: fixed gamma added to the variance (1e-5).
+    gamma: fixed gamma added to the variance (1e-5); a finite number >= 0 (nan, inf, negative:
+      ValueError). With 0, a constant filter standardizes to 0. ``fan_in = 1``: every
+      standardized filter is 0 (the layer outputs its bias); a warning is emitted.
     mode: ``'fan_in'`` or ``'fan_out'``.
     equiv: use ``gamma * 2 / fan``.
     kernel_init: kernel initializer (None: He normal, ``variance_scaling(2.0, mode, 'normal')``).
@@ -231,6 +251,9 @@ class PWSConv(_ConvBase):
     if 'use_bias' in kwargs:
       fail('PWSConv', 'use_bias', 'no value (the bias is always present)', kwargs['use_bias'])
     check_choice('PWSConv', 'mode', mode, FAN_MODES)
+    check_stabilizer('PWSConv', 'gamma', gamma, allow_zero=True)
+    check_fan_in('PWSConv', _kernel_size('PWSConv', kernel_size) + (in_features, out_features),
+                 'pws')
     self.gamma = gamma
     self.mode = mode
     self.equiv = equiv
@@ -252,22 +275,25 @@ class PWSConv(_ConvBase):
     The variance is torch's unbiased ``var`` over the whole output tensor, computed without the
     bias (zero in the official code at that point), so the pre-activation variance on ``inputs``
     becomes 2. Writes the new value into ``self.alpha`` (a parameter initialization, not a
-    kernel standardization) and returns it.
+    kernel standardization) and returns it. When that output carries no variance (an all-zeros or
+    constant batch, or ``fan_in = 1``), alpha falls back to its default **1.0** and a
+    ``UserWarning`` naming ``PWSConv`` and ``init_alpha`` is emitted (under ``nnx.jit`` the
+    fallback still applies; the warning comes from ``jax.debug.callback``); see
+    :func:`jaxnorm.functional.kernel_standardization.pws_init_alpha`.
 
     Args:
       inputs: the init batch, ``(N, *spatial, in_features)``.
 
     Returns:
-      The new alpha, shape ``(out_features,)``.
+      The new alpha, shape ``(out_features,)``, always finite.
+
+    References:
+      Liu et al. 2021 (AAAI), official ``pws_layer.py`` (``initalpha``).
     """
     kernel = self.kernel[...]
     out = self._conv(inputs, self._standardize(kernel, jnp.ones((self.out_features,),
                                                                  kernel.dtype)))
-    out = out.astype(jnp.float32)
-    if out.size < 2:
-      fail('PWSConv', 'inputs', 'an init batch whose output has >= 2 entries for '
-           'initialize_alpha (unbiased variance)', f'output shape {out.shape}')
-    alpha = jnp.full((self.out_features,), jnp.sqrt(2.0 / jnp.var(out, ddof=1)),
-                     self.param_dtype)
+    alpha = pws_init_alpha(out.astype(jnp.float32), self.out_features, self.param_dtype,
+                           layer='PWSConv', arg='initialize_alpha (init_alpha)')
     self.alpha[...] = alpha
     return alpha
