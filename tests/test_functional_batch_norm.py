@@ -385,3 +385,158 @@ def test_property_each_group_is_standardized(shape, ghost, dtype, seed):
     np.testing.assert_allclose(yg.mean(axes), 0.0, atol=4 * tol)
     v = xg.var(axes)
     np.testing.assert_allclose(yg.var(axes), v / (v + 1e-5), rtol=4 * tol, atol=4 * tol)
+
+
+def _assert_rel(actual, reference, rtol, what=''):
+  """max |actual - reference| <= rtol * max |reference|, leaf by leaf (a relative error that
+  is not fooled by entries that are 0 in exact arithmetic)."""
+  for a, r in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(reference),
+                  strict=True):
+    a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
+    assert a.shape == r.shape, (what, a.shape, r.shape)
+    err, scale = np.max(np.abs(a - r)), np.max(np.abs(r))
+    assert err <= rtol * scale, f'{what}: max error {err:.3g} on a scale of {scale:.3g}'
+
+
+def _second_derivatives(fn, x, scale, bias, w, xin, kernel):
+  """Second derivatives of losses through ``fn(x, scale, bias) -> (y, mean, var)``.
+
+  Forward over reverse (``jax.hessian``), reverse over reverse (``jax.grad`` of a function of
+  ``jax.grad``) and ``jax.jacrev(jax.grad)``, with respect to the input, the layer's scale and
+  bias, and the kernel of a Dense layer before the normalization (Dense -> BN -> tanh).
+  """
+  loss = _loss(fn, w)  # uses y non-linearly and the returned mean and var
+  dense = lambda k: jnp.sum(jnp.tanh(fn(xin @ k, scale, bias)[0]) * w)
+
+  def grad_norm(x, scale, bias):  # a function of the gradient, differentiated in reverse mode
+    gx, gs, gb = jax.grad(loss, (0, 1, 2))(x, scale, bias)
+    return jnp.sum(jnp.cos(gx)) + jnp.sum(gs**2) + jnp.sum(gs * gb)
+
+  return {
+      'hessian_x': jax.hessian(loss)(x, scale, bias),
+      'jacrev_grad_x': jax.jacrev(jax.grad(loss))(x, scale, bias),
+      'hessian_params': jax.hessian(loss, (1, 2))(x, scale, bias),
+      'grad_of_grad': jax.grad(grad_norm, (0, 1, 2))(x, scale, bias),
+      'hessian_dense_kernel': jax.hessian(dense)(kernel),
+  }
+
+
+class SecondOrderTest(parameterized.TestCase):
+  """Derivatives of the closed-form backward equal those of the autodiff path (float64)."""
+
+  @parameterized.named_parameters(('nc', (6, 3), None), ('nc_ghost', (6, 3), 3),
+                                  ('nhwc', (4, 2, 1, 3), None))
+  def test_second_derivatives_equal_autodiff_path(self, shape, ghost):
+    axes = tuple(range(len(shape) - 1))
+    with jax.enable_x64(True):
+      x, scale, bias, w = _inputs(shape, axes, jnp.float64, seed=5)
+      xin = jax.random.normal(jax.random.key(6), shape[:-1] + (4,), jnp.float64)
+      kernel = jax.random.normal(jax.random.key(7), (4, shape[-1]), jnp.float64)
+      out = [jax.jit(lambda *a, c=c: _second_derivatives(
+          lambda x, s, b: batch_norm(x, s, b, ghost_batch_size=ghost, closed_form_backward=c),
+          *a))(x, scale, bias, w, xin, kernel) for c in (True, False)]
+    for key in out[1]:
+      _assert_rel(out[0][key], out[1][key], 1e-8, key)
+
+  def test_second_derivatives_under_shard_map_equal_single_device_autodiff(self):
+    mesh = jax.make_mesh((4,), ('batch',), devices=jax.devices()[:4])
+    put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+    with jax.enable_x64(True):
+      x, scale, bias, w = _inputs((8, 3), (0,), jnp.float64, seed=8)
+      for ghost in (None, 2):
+        sharded = jax.shard_map(
+            lambda x, s, b, ghost=ghost: batch_norm(x, s, b, axis_name='batch',
+                                                    ghost_batch_size=ghost),
+            mesh=mesh, in_specs=(P('batch'), P(), P()), out_specs=(P('batch'), P(), P()))
+        full = lambda x, s, b, ghost=ghost: batch_norm(x, s, b, ghost_batch_size=ghost,
+                                                      closed_form_backward=False)
+
+        def derivatives(fn, x, scale, bias, w):
+          loss = _loss(fn, w)
+          grad_norm = lambda *a: jnp.sum(jax.grad(loss, (0, 1))(*a)[0] ** 2)
+          return (jax.hessian(loss, (0, 1))(x, scale, bias),
+                  jax.grad(grad_norm, (0, 1, 2))(x, scale, bias))
+
+        ours = jax.jit(lambda *a, f=sharded: derivatives(f, *a))(
+            put(x, P('batch')), scale, bias, put(w, P('batch')))
+        ref = jax.jit(lambda *a, f=full: derivatives(f, *a))(x, scale, bias, w)
+        _assert_rel(ours, ref, 1e-8, f'ghost={ghost}')
+
+
+class VmapAxisNameTest(parameterized.TestCase):
+  """``jax.vmap(..., axis_name=...)``: one example per call, statistics over the vmap axis."""
+
+  @parameterized.named_parameters(('vector', (8, 3)), ('image', (4, 2, 2, 3)))
+  def test_grad_of_vmap_and_vmap_of_grad_equal_autodiff_and_full_batch(self, shape):
+    axes = tuple(range(len(shape) - 1))
+    x, scale, bias, w = _inputs(shape, axes, seed=11)
+    ex_axes = tuple(a - 1 for a in axes[1:])  # the per-example reduction axes
+
+    def per_example(c):
+      def loss(p, xi, wi):
+        y, mean, var = batch_norm(xi, p[0], p[1], axes=ex_axes, axis_name='b',
+                                  closed_form_backward=c)
+        return jnp.sum(jnp.sin(y) * wi) + jnp.sum(mean**2) + jnp.sum(jnp.sqrt(var))
+      return loss
+
+    def run(c):
+      f = per_example(c)
+      batched = jax.vmap(f, in_axes=(None, 0, 0), axis_name='b')
+      g_of_vmap = jax.grad(lambda p, x: jnp.sum(batched(p, x, w)), (0, 1))((scale, bias), x)
+      vmap_of_g = jax.vmap(jax.grad(f, (0, 1)), in_axes=(None, 0, 0), axis_name='b')(
+          (scale, bias), x, w)
+      return g_of_vmap, vmap_of_g
+
+    ours, autodiff = (jax.jit(lambda c=c: run(c))() for c in (True, False))
+    _assert_rel(ours, autodiff, 1e-5, 'closed form vs autodiff')
+    # grad of vmap is the gradient of the full-batch layer (independent: the direct formula);
+    # the per-example mean/var losses are counted once per example, hence the factor.
+    n = shape[0]
+
+    def full_loss(p, x):
+      y, mean, var = _direct_batch_norm(x, p[0], p[1], axes, 1e-5)
+      return jnp.sum(jnp.sin(y) * w) + n * (jnp.sum(mean**2) + jnp.sum(jnp.sqrt(var)))
+
+    ref = jax.jit(jax.grad(full_loss, (0, 1)))((scale, bias), x)
+    _assert_rel(ours[0], ref, 1e-5, 'grad of vmap vs full batch')
+
+  def test_rank_1_without_named_axis_still_raises(self):
+    with pytest.raises(ValueError, match='rank >= 2'):
+      batch_norm(jnp.ones(3))
+
+
+class MaskCountTest(parameterized.TestCase):
+  """A mask selecting fewer than 2 values of a channel: the rule of the unmasked path."""
+
+  def _data(self):
+    x, scale, bias, _ = _inputs((6, 3), (0,), seed=12)
+    mask = np.ones((6, 3), bool)
+    mask[:, 1] = False
+    mask[4, 1] = True  # channel 1: one selected value (variance 0)
+    return x, scale, bias, mask
+
+  def test_concrete_mask_raises_like_unmasked_path(self):
+    x, scale, bias, mask = self._data()
+    for fn in (batch_norm, jax.jit(lambda x, s, b: batch_norm(x, s, b, mask=mask))):
+      kwargs = dict(mask=mask) if fn is batch_norm else {}
+      with pytest.raises(ValueError, match='at least 2 values per channel') as info:
+        fn(x, scale, bias, **kwargs)
+      assert str(info.value).startswith('batch_norm: argument `mask`')
+    ghost_mask = np.ones((6, 3), bool)
+    ghost_mask[3:5] = False  # ghost group 1 (rows 3-5) keeps one row
+    with pytest.raises(ValueError, match='ghost group'):
+      batch_statistics(x, mask=ghost_mask, ghost_batch_size=3)
+    with pytest.raises(ValueError, match='at least 2 values per channel'):
+      batch_norm(x, mask=np.zeros((6, 1), bool))
+
+  def test_traced_mask_gives_nan_in_that_channel_only(self):
+    x, scale, bias, mask = self._data()
+    y, mean, var = jax.jit(lambda x, m: batch_norm(x, scale, bias, mask=m))(x, mask)
+    self.assertTrue(bool(jnp.all(jnp.isnan(y[:, 1]))))
+    self.assertTrue(bool(jnp.isnan(mean[1]) & jnp.isnan(var[1])))
+    ok = np.array([0, 2])
+    np.testing.assert_allclose(y[:, ok], _np_batch_norm(x[:, ok], scale[ok], bias[ok], (0,),
+                                                        1e-5), rtol=1e-5, atol=1e-5)
+    # check_count=False (Flax modules while initializing) keeps variance 0, finite.
+    _, _, var0 = jax.jit(lambda x, m: batch_norm(x, mask=m, check_count=False))(x, mask)
+    self.assertEqual(float(var0[1]), 0.0)

@@ -7,6 +7,7 @@ Flax default (one-pass variance) to float rounding. Also: multi-device statistic
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -185,3 +186,95 @@ class MultiDeviceTest(parameterized.TestCase):
     ref = grad(v['params'], x)
     xs = jax.device_put(x, NamedSharding(mesh, P('batch')))
     assert_close(grad(v['params'], xs), ref, 2e-5)
+
+
+class VmapAxisNameTest(parameterized.TestCase):
+  """Per-example ``jax.vmap(..., axis_name='b')`` (the Equinox convention) equals flax."""
+
+  @parameterized.parameters(True, False)
+  def test_grad_of_vmap_and_vmap_of_grad_equal_flax(self, closed_form):
+    x = batches((8, 3), 1)[0]
+    w = jax.random.normal(jax.random.key(9), x.shape)
+
+    def run(bn):
+      v = bn.init(jax.random.key(0), x[0], use_running_average=False)  # one example
+      params = nontrivial_params((3,))
+
+      def per_example(p, xi, wi):
+        y, upd = bn.apply({'params': p, 'batch_stats': v['batch_stats']}, xi,
+                          use_running_average=False, mutable=['batch_stats'])
+        return jnp.sum(jnp.sin(y) * wi), (y, upd['batch_stats'])
+
+      batched = jax.vmap(per_example, in_axes=(None, 0, 0), axis_name='b',
+                         out_axes=(0, (0, None)))
+      loss = lambda p, x: jnp.sum(batched(p, x, w)[0])
+      per_ex_grad = jax.grad(lambda p, xi, wi: per_example(p, xi, wi)[0], (0, 1))
+      return jax.jit(lambda p, x: (
+          batched(p, x, w)[1], jax.grad(loss, (0, 1))(p, x),
+          jax.vmap(per_ex_grad, in_axes=(None, 0, 0), axis_name='b')(p, x, w)))(params, x)
+
+    ours = run(BatchNorm(axis_name='b', momentum=0.8, closed_form_backward=closed_form))
+    ref = run(nn.BatchNorm(axis_name='b', momentum=0.8, use_fast_variance=False))
+    assert_close(ours, ref, 2e-5)
+
+  def test_eval_mode_on_one_example_equals_flax(self):
+    x = batches((3,), 1)[0]  # one example (C,), as inside a per-example vmap
+    v = {'params': nontrivial_params((3,)),
+         'batch_stats': {'mean': jnp.array([0.5, -1.0, 2.0]), 'var': jnp.array([1.0, 4.0, 0.25])}}
+    assert_close(BatchNorm().apply(v, x, use_running_average=True),
+                 nn.BatchNorm().apply(v, x, use_running_average=True), 1e-6)
+
+
+class BadInputTest(parameterized.TestCase):
+
+  def _apply(self, bn, x, **kw):
+    v = bn.init(jax.random.key(0), x, use_running_average=False)
+    return bn.apply(v, x, use_running_average=False, mutable=['batch_stats'], **kw)
+
+  @parameterized.named_parameters(
+      ('rank_0', dict(), jnp.float32(1.0), ValueError, '`x` expected an array of rank >= 1'),
+      ('axis_too_large', dict(axis=2), jnp.ones((4, 3)), ValueError, '`axis`'),
+      ('axis_too_small', dict(axis=-3), jnp.ones((4, 3)), ValueError, '`axis`'),
+      ('momentum_above_1', dict(momentum=1.5), jnp.ones((4, 3)), ValueError, '`momentum`'),
+      ('momentum_negative', dict(momentum=-0.1), jnp.ones((4, 3)), ValueError, '`momentum`'),
+      ('momentum_not_a_number', dict(momentum='0.9'), jnp.ones((4, 3)), TypeError,
+       '`momentum`'),
+  )
+  def test_bad_argument_raises_naming_layer_and_argument(self, kw, x, exc, match):
+    with pytest.raises(exc, match=match) as info:
+      self._apply(BatchNorm(**kw), x)
+    assert str(info.value).startswith('BatchNorm: argument `')
+
+  def test_flax_rejects_the_same_axis(self):
+    # The reference behaviour: flax raises for an out-of-range axis as well (no silent modulo).
+    with pytest.raises(Exception):  # noqa: B017 (flax's own exception type)
+      self._apply(nn.BatchNorm(axis=2), jnp.ones((4, 3)))
+
+  def test_mask_selecting_one_value_per_channel(self):
+    x = batches((8, 3), 1)[0]
+    mask = (jnp.arange(8) == 5)[:, None]  # one example: variance 0 in every channel
+    with pytest.raises(ValueError, match='at least 2 values per channel'):
+      self._apply(BatchNorm(), x, mask=mask)  # concrete mask: the unmasked path's error
+    # Traced mask (argument of a jitted function): NaN statistics and outputs, never finite
+    # garbage of order 1/sqrt(eps).
+    bn = BatchNorm()
+    v = bn.init(jax.random.key(0), x, use_running_average=False)
+    y, upd = jax.jit(lambda v, x, m: bn.apply(v, x, use_running_average=False, mask=m,
+                                              mutable=['batch_stats']))(v, x, mask)
+    self.assertTrue(bool(jnp.all(jnp.isnan(y))))
+    self.assertTrue(bool(jnp.all(jnp.isnan(upd['batch_stats']['var']))))
+
+
+def test_default_arguments_equal_flax():
+  """Every field shared with flax.linen.BatchNorm has flax's default (a changed momentum fails)."""
+  ours = {f.name: f for f in dataclasses.fields(BatchNorm)}
+  ref = {f.name: f for f in dataclasses.fields(nn.BatchNorm)}
+  assert set(ref) <= set(ours), set(ref) - set(ours)  # drop-in: every flax field exists
+  assert set(ours) - set(ref) == {'ghost_batch_size', 'closed_form_backward'}
+  for name, f in ref.items():
+    if name in ('parent', 'name'):
+      continue
+    assert f.default is not dataclasses.MISSING, name
+    assert ours[name].default == f.default, (name, ours[name].default, f.default)
+  defaults = {n: f.default for n, f in ours.items()}
+  assert (defaults['ghost_batch_size'], defaults['closed_form_backward']) == (None, True)

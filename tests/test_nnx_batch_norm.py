@@ -5,6 +5,8 @@ running statistics), in the style of Flax's own linen/nnx consistency tests; and
 
 from __future__ import annotations
 
+import inspect
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -126,3 +128,85 @@ def test_linen_reference_is_flax_like():
   v = nn.BatchNorm().init(jax.random.key(0), x, use_running_average=True)
   np.testing.assert_allclose(jlinen.BatchNorm().apply(v, x, use_running_average=True),
                              nn.BatchNorm().apply(v, x, use_running_average=True), rtol=1e-7)
+
+
+def _vmap_run(model, x, w):
+  """Per-example ``jax.vmap(..., axis_name='b')`` of a training call: output, new running
+  statistics, and the parameter gradients of ``sum(sin(y) * w)`` (grad of vmap)."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def per_example(params, rest, xi):
+    m = nnx.merge(graphdef, params, rest)
+    y = m(xi, use_running_average=False)
+    return y, nnx.state(m, nnx.BatchStat)
+
+  batched = jax.vmap(per_example, in_axes=(None, None, 0), axis_name='b', out_axes=(0, None))
+  loss = lambda p: jnp.sum(jnp.sin(batched(p, rest, x)[0]) * w)
+  y, stats = jax.jit(batched)(params, rest, x)
+  grads = jax.jit(jax.grad(loss))(params)
+  return y, stats['mean'][...], stats['var'][...], grads['scale'][...], grads['bias'][...]
+
+
+@pytest.mark.parametrize('closed_form', [True, False])
+def test_per_example_vmap_with_axis_name_equals_flax_nnx(closed_form):
+  x = batches((8, 3), 1)[0]
+  w = jax.random.normal(jax.random.key(9), x.shape)
+  kw = dict(axis_name='b', momentum=0.8, rngs=nnx.Rngs(0))
+  ours = _vmap_run(jnnx.BatchNorm(3, closed_form_backward=closed_form, **kw), x, w)
+  ref = _vmap_run(nnx.BatchNorm(3, use_fast_variance=False, **kw), x, w)
+  assert_close(ours, ref, 2e-5)
+
+
+@pytest.mark.parametrize('kw, x, exc, match', [
+    (dict(), jnp.float32(1.0), ValueError, '`x` expected an array of rank >= 1'),
+    (dict(axis=2), jnp.ones((4, 3)), ValueError, '`axis`'),
+    (dict(axis=(0, -2)), jnp.ones((4, 3)), ValueError, 'distinct axes'),
+])
+def test_bad_call_raises_naming_layer_and_argument(kw, x, exc, match):
+  model = jnnx.BatchNorm(3, rngs=nnx.Rngs(0), **kw)
+  with pytest.raises(exc, match=match) as info:
+    model(x)
+  assert str(info.value).startswith('BatchNorm: argument `')
+
+
+@pytest.mark.parametrize('momentum, exc', [(1.5, ValueError), (-0.1, ValueError),
+                                           (float('nan'), ValueError), (None, TypeError)])
+def test_momentum_outside_unit_interval_raises(momentum, exc):
+  with pytest.raises(exc, match='BatchNorm: argument `momentum`'):
+    jnnx.BatchNorm(3, momentum=momentum, rngs=nnx.Rngs(0))
+  model = jnnx.BatchNorm(3, rngs=nnx.Rngs(0))
+  model.momentum = momentum  # changed after construction: caught at the call
+  with pytest.raises(exc, match='BatchNorm: argument `momentum`'):
+    model(jnp.ones((4, 3)))
+
+
+def test_mask_selecting_one_value_per_channel():
+  x = batches((8, 3), 1)[0]
+  mask = (jnp.arange(8) == 5)[:, None]
+  model = jnnx.BatchNorm(3, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='at least 2 values per channel'):
+    model(x, mask=mask)  # concrete mask: the error of the unmasked path
+
+  @nnx.jit
+  def step(model, x, mask):  # traced mask: NaN statistics and outputs, not finite garbage
+    return model(x, mask=mask)
+
+  y = step(model, x, mask)
+  assert bool(jnp.all(jnp.isnan(y))) and bool(jnp.all(jnp.isnan(model.var[...])))
+
+
+def test_default_arguments_equal_flax_nnx():
+  """Every constructor argument shared with flax.nnx.BatchNorm has flax's default and kind."""
+  ours = inspect.signature(jnnx.BatchNorm.__init__).parameters
+  ref = inspect.signature(nnx.BatchNorm.__init__).parameters
+  # Known differences: flax's `promote_dtype` hook (jaxnorm's dtype rules are fixed, those of
+  # flax.linen.BatchNorm) and jaxnorm's own three options.
+  assert set(ref) - set(ours) == {'promote_dtype'}
+  assert set(ours) - set(ref) == {'force_float32_reductions', 'ghost_batch_size',
+                                  'closed_form_backward'}
+  for name, p in ref.items():
+    if name in ours:
+      assert ours[name].kind == p.kind, name
+      assert ours[name].default == p.default, (name, ours[name].default, p.default)
+  assert [ours[n].default for n in ('force_float32_reductions', 'ghost_batch_size',
+                                    'closed_form_backward')] == [True, None, True]

@@ -11,10 +11,13 @@ Checks run on static information only (shapes, dtypes, Python values), so they a
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Collection, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def fail(layer: str, arg: str, expected: str, got: Any, exc: type[Exception] = ValueError):
@@ -48,6 +51,24 @@ def check_positive(layer: str, arg: str, value: Any, *, allow_zero: bool = False
   bad = value < 0 if allow_zero else value <= 0
   if bad:
     fail(layer, arg, 'a non-negative number' if allow_zero else 'a positive number', repr(value))
+
+
+def check_in_range(layer: str, arg: str, value: Any, low: float, high: float) -> None:
+  """Raises unless ``value`` is a real number with ``low <= value <= high`` (NaN is outside).
+
+  A traced value (an argument of a jitted function) cannot be compared while tracing and is let
+  through; anything that is not a real scalar (a bool, a string, an array of size > 1) raises a
+  ``TypeError``.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return
+  real_scalar = (isinstance(value, numbers.Real) or (
+      hasattr(value, 'dtype') and jnp.ndim(value) == 0
+      and jnp.issubdtype(value.dtype, jnp.floating) | jnp.issubdtype(value.dtype, jnp.integer)))
+  if isinstance(value, (bool, np.bool_)) or not real_scalar:
+    fail(layer, arg, f'a real number in [{low}, {high}]', repr(value), TypeError)
+  if not low <= float(value) <= high:
+    fail(layer, arg, f'a number in [{low}, {high}]', repr(value))
 
 
 def normalize_axes(layer: str, arg: str, axes, ndim: int) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, Initializer
 
+from jaxnorm.functional._checks import check_in_range
 from jaxnorm.functional.batch_norm import batch_norm, normalize, resolve_dtypes, split_axes
 
 
@@ -42,17 +43,28 @@ class BatchNorm(nn.Module):
     ``E[x^2] - E[x]^2`` agrees to float rounding on well-scaled inputs but loses all precision
     for inputs with a large common offset (1e4 in float32); this one stays exact.
   - In training mode, a channel whose statistics would be taken over a single value raises a
-    ``ValueError`` (Flax silently uses variance 0).
+    ``ValueError`` (Flax silently uses variance 0). The same holds for a concrete ``mask`` that
+    selects fewer than 2 values of a channel; with a traced ``mask`` (an argument of a jitted
+    function) such a channel gets NaN statistics and outputs instead (Flax: finite outputs of
+    order ``1/sqrt(epsilon)``).
   - With ``mask`` and ``axis_name``, the statistics are exact global ones (masked sums and counts
     summed over devices); Flax averages the per-device masked means.
+  - A rank-0 input, an ``axis`` outside ``[-x.ndim, x.ndim)`` or repeated, and a ``momentum``
+    outside ``[0, 1]`` raise a ``ValueError`` naming the argument.
   - ``ghost_batch_size`` and ``closed_form_backward`` (see ``jaxnorm.functional.batch_norm``).
     The closed-form backward rules out forward-mode AD (``jax.jvp``, ``jax.jacfwd``); set
-    ``closed_form_backward=False`` for it. With a ``mask`` the backward is plain autodiff.
+    ``closed_form_backward=False`` for it. Its second derivatives (``jax.hessian``, grad of grad)
+    are exact. With a ``mask``, and with an ``axis_name`` that is not a ``shard_map`` axis along
+    which the input varies (a ``jax.vmap`` or ``pmap`` axis), the backward is plain autodiff.
+
+  Per-example ``jax.vmap(..., axis_name=...)`` (the Equinox convention) works as in Flax: each
+  call sees one example (e.g. of shape ``(C,)``), the statistics are averaged over the vmap axis,
+  and ``jax.grad`` of the vmapped function and ``jax.vmap`` of ``jax.grad`` both work.
 
   Attributes:
     use_running_average: if True, use the running statistics instead of batch statistics.
     axis: the feature axis (or axes) of the input; statistics reduce over all other axes.
-    momentum: decay rate of the running averages.
+    momentum: decay rate of the running averages, in ``[0, 1]``.
     epsilon: added to the variance inside the square root.
     dtype: dtype of the result (default: inferred from input and parameters, as in Flax).
     param_dtype: dtype of ``scale`` and ``bias``.
@@ -60,8 +72,8 @@ class BatchNorm(nn.Module):
     use_scale: multiply by the learned ``scale`` (gamma).
     bias_init: initializer of ``bias`` (zeros).
     scale_init: initializer of ``scale`` (ones).
-    axis_name: ``pmap`` / ``shard_map`` axis over which to average batch statistics (not needed
-      under ``jit`` with a sharded batch).
+    axis_name: ``pmap`` / ``shard_map`` / ``vmap`` axis over which to average batch statistics
+      (not needed under ``jit`` with a sharded batch).
     axis_index_groups: device groups within ``axis_name`` (see ``jax.lax.psum``).
     use_fast_variance: accepted for compatibility with Flax and ignored (see above).
     force_float32_reductions: compute statistics in at least float32 and keep the running
@@ -113,10 +125,16 @@ class BatchNorm(nn.Module):
 
     Returns:
       The normalized input, shape of ``x``.
+
+    Raises:
+      ValueError / TypeError: naming the argument: a rank-0 ``x``, an ``axis`` out of range, a
+        ``momentum`` outside ``[0, 1]``, fewer than 2 values per channel in training mode, and
+        the errors of ``jaxnorm.functional.batch_norm``.
     """
     use_running_average = nn.merge_param(
         'use_running_average', self.use_running_average, use_running_average)
-    feature_axes, reduction_axes = split_axes(jnp.ndim(x), self.axis)
+    check_in_range('BatchNorm', 'momentum', self.momentum, 0, 1)
+    feature_axes, reduction_axes = split_axes(x, self.axis)
     feature_shape = tuple(jnp.shape(x)[a] for a in feature_axes)
 
     stat_param_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
+from jaxnorm.functional._checks import check_in_range
 from jaxnorm.functional.batch_norm import batch_norm, normalize, resolve_dtypes, split_axes
 
 
@@ -28,13 +29,17 @@ class BatchNorm(nnx.Module):
   dtype rules, same running averages ``ra = momentum * ra + (1 - momentum) * batch_stat``),
   tested equal to it. As in ``flax.nnx.BatchNorm``, the running-average update is wrapped in
   ``jax.lax.stop_gradient``. ``use_fast_variance`` is accepted and ignored (always the centred
-  two-pass variance, see :class:`jaxnorm.linen.BatchNorm`).
+  two-pass variance, see :class:`jaxnorm.linen.BatchNorm`). The argument checks (rank, ``axis``,
+  ``momentum`` in ``[0, 1]``, at least 2 values per channel, the ``mask`` rule) and the
+  per-example ``jax.vmap(..., axis_name=...)`` convention are those of
+  :class:`jaxnorm.linen.BatchNorm`; ``momentum`` is checked in the constructor and at each call.
+  Flax's ``promote_dtype`` argument is not offered (the dtype rules are fixed, Flax's defaults).
 
   Args:
     num_features: size of the feature axis (a tuple of sizes if ``axis`` is a tuple).
     use_running_average: if True, normalize with the running statistics (eval mode).
     axis: the feature axis (or axes); statistics reduce over all others.
-    momentum: decay rate of the running averages.
+    momentum: decay rate of the running averages, in ``[0, 1]``.
     epsilon: added to the variance inside the square root.
     dtype: output dtype (default: inferred from input and parameters).
     param_dtype: dtype of ``scale`` and ``bias``.
@@ -42,7 +47,7 @@ class BatchNorm(nnx.Module):
     use_scale: multiply by the learned ``scale``.
     bias_init: initializer of ``bias`` (zeros).
     scale_init: initializer of ``scale`` (ones).
-    axis_name: ``pmap`` / ``shard_map`` axis over which batch statistics are averaged.
+    axis_name: ``pmap`` / ``shard_map`` / ``vmap`` axis over which batch statistics are averaged.
     axis_index_groups: device groups within ``axis_name``.
     use_fast_variance: accepted for compatibility with Flax and ignored.
     force_float32_reductions: statistics in at least float32 (default True).
@@ -80,6 +85,7 @@ class BatchNorm(nnx.Module):
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
+    check_in_range('BatchNorm', 'momentum', momentum, 0, 1)
     feature_shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
     stat_dtype = jnp.float32 if force_float32_reductions else param_dtype
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, stat_dtype))
@@ -122,13 +128,17 @@ class BatchNorm(nnx.Module):
 
     Returns:
       The normalized input, shape of ``x``.
+
+    Raises:
+      ValueError / TypeError: as :class:`jaxnorm.linen.BatchNorm`, naming the argument.
     """
     if use_running_average is None:
       use_running_average = self.use_running_average
     if use_running_average is None:
       raise ValueError('BatchNorm: argument `use_running_average` expected True or False (in '
                        'the constructor or the call), got None.')
-    _, reduction_axes = split_axes(jnp.ndim(x), self.axis)
+    check_in_range('BatchNorm', 'momentum', self.momentum, 0, 1)  # may be set after init
+    _, reduction_axes = split_axes(x, self.axis)
     scale = None if self.scale is None else self.scale[...]
     bias = None if self.bias is None else self.bias[...]
     out_dtype, stats_dtype = resolve_dtypes(x, scale, bias, self.dtype,
