@@ -128,6 +128,54 @@ def test_gradient_recurrence_matches_numpy_backprop_through_bn_resnet():
   np.testing.assert_allclose(grad_var, pred['grad_var'], rtol=0.1)
 
 
+def _numpy_bn_resnet_backprop(seed, grad_sq_mean_out, grad_var_out, batch=256, width=256,
+                              depth=6, eps=1e-5):
+  """Forward + explicit backward of x_{l+1} = x_l + W relu(BN(x_l)) in numpy, Gaussian W.
+
+  The output cotangent has per-channel means ~ N(0, grad_sq_mean_out) plus N(0, grad_var_out)
+  noise. Returns the forward avg_var and the backward grad_var / grad_sq_mean per block.
+  """
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((batch, width))
+  cache, avg_var = [], [x.var(0).mean()]
+  for _ in range(depth):
+    mu, var = x.mean(0), x.var(0)
+    xh = (x - mu) / np.sqrt(var + eps)
+    w = rng.standard_normal((width, width)) * math.sqrt(2 / width)
+    cache.append((xh, var, w))
+    x = x + np.maximum(xh, 0) @ w
+    avg_var.append(x.var(0).mean())
+  g = (math.sqrt(grad_sq_mean_out) * rng.standard_normal(width)
+       + math.sqrt(grad_var_out) * rng.standard_normal((batch, width)))
+  grad_var, grad_sq_mean = [g.var(0).mean()], [(g.mean(0) ** 2).mean()]
+  for xh, var, w in reversed(cache):
+    gr = (g @ w.T) * (xh > 0)
+    gx = (gr - gr.mean(0) - xh * (gr * xh).mean(0)) / np.sqrt(var + eps)  # BN backward
+    g = g + gx
+    grad_var.append(g.var(0).mean())
+    grad_sq_mean.append((g.mean(0) ** 2).mean())
+  return np.array(avg_var), np.array(grad_var[::-1]), np.array(grad_sq_mean[::-1])
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_gradient_recurrence_weights_the_gradient_mean_by_half_minus_inv_pi(seed):
+  # A cotangent with a large channel mean (grad_sq_mean 4 x grad_var): its share of each block's
+  # gradient-variance increment is what the coefficient sets. Measured here: the recurrence with
+  # 1/2 - 1/pi is within 6 % of the simulation at every block, with weight 1 it is 2.7x too large
+  # at the input, with 1/2 (BN's projection on x_hat ignored) 1.7x.
+  avg_var, grad_var, grad_sq_mean = _numpy_bn_resnet_backprop(seed, 4.0, 1.0)
+  assert theory.BN_GRAD_MEAN_WEIGHT == pytest.approx(0.5 - 1 / math.pi)
+  pred = theory.gradient_variance_recurrence(avg_var, norm='batch_norm',
+                                             grad_var_out=grad_var[-1],
+                                             grad_sq_mean_out=grad_sq_mean[-1])
+  np.testing.assert_allclose(pred['grad_var'], grad_var, rtol=0.1)
+  # The BN branch's gradient has zero batch mean: the squared mean passes through unchanged.
+  np.testing.assert_allclose(pred['grad_sq_mean'], grad_sq_mean, rtol=1e-6)
+  # The coefficient alone, from the last block's increment: (dv * avg_var - v) / m.
+  v, m, dv = grad_var[-1], grad_sq_mean[-1], grad_var[-2] - grad_var[-1]
+  assert (dv * avg_var[-2] - v) / m == pytest.approx(0.5 - 1 / math.pi, abs=0.06)
+
+
 def test_plain_bn_gradient_growth():
   assert theory.plain_bn_gradient_growth() == pytest.approx(1.4669, abs=1e-4)
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnorm.models import MLP, ResidualMLP, block_taps, stem_tap
+from jaxnorm.models import MLP, ResidualMLP, block_taps, stem_tap, zero_perturbations
 
 
 def _skip_variances(norm, depth=16, skip_init=None):
@@ -56,7 +56,8 @@ def test_plain_mlp_taps_every_layer_and_bgn_leaves_the_forward_pass_unchanged(ac
   def head_sum(model, perturbations):
     return jnp.sum(model.apply({'params': variables['params'], 'perturbations': perturbations}, x))
 
-  g = block_taps(jax.grad(lambda p: head_sum(bgn, p))(variables['perturbations']), 'layer')
+  perts = zero_perturbations(bgn, variables, x)
+  g = block_taps(jax.grad(lambda p: head_sum(bgn, p))(perts), 'layer')
   # The tap sits before the BGN node, so its gradient is BGN's output: per-sample L2 norm
   # sqrt(units) * |g| / (|g| + eps) (papers.md §2, default target 'sqrt_units').
   for tap in g[:-1]:
@@ -71,3 +72,20 @@ def test_mlp_rejects_unknown_activation_and_bgn():
     MLP(depth=2, width=4, bgn='block').init(jax.random.PRNGKey(0), x)
   with pytest.raises(ValueError, match='`norm`'):
     ResidualMLP(depth=2, width=4, norm='pws').init(jax.random.PRNGKey(0), x)
+
+
+@pytest.mark.parametrize('make, exc, message', [
+  (lambda: ResidualMLP(depth=2, width=0), ValueError,
+   r'ResidualMLP: argument `width` expected an int >= 1, got 0'),
+  (lambda: ResidualMLP(depth=2, width=4, num_classes=0), ValueError,
+   r'ResidualMLP: argument `num_classes` expected an int >= 1, got 0'),
+  (lambda: ResidualMLP(depth='2', width=4), TypeError, r'ResidualMLP: argument `depth`.*str'),
+  (lambda: MLP(depth=2, width=-1), ValueError,
+   r'MLP: argument `width` expected an int >= 1, got -1'),
+  (lambda: MLP(depth=2, width=4, num_classes=0), ValueError, r'MLP: argument `num_classes`'),
+  (lambda: MLP(depth=0, width=4), ValueError, r'MLP: argument `depth`.*got 0'),
+])
+def test_mlp_counts_fail_fast_naming_the_argument(make, exc, message):
+  # Before: ZeroDivisionError (width 0) or a broadcasting error on shape (., -1) (width -1).
+  with pytest.raises(exc, match=message):
+    make().init(jax.random.PRNGKey(0), jnp.zeros((2, 3)))

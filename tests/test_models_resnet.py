@@ -128,3 +128,72 @@ def test_unknown_arguments_fail_fast_with_the_choices():
     cifar_resnet(21)
   with pytest.raises(ValueError, match='`stage_sizes`'):
     ResNet(stage_sizes=(1, 1), widths=(4,), strides=(1,)).init(jax.random.PRNGKey(0), x)
+
+
+@pytest.mark.parametrize('make, exc, message', [
+  (lambda: cifar_resnet('20'), TypeError,
+   r"cifar_resnet: argument `depth` expected an int >= 1, got '20' of type str"),
+  (lambda: cifar_resnet(8, width=0), ValueError,
+   r'cifar_resnet: argument `width` expected an int >= 1, got 0'),
+  (lambda: cifar_resnet(8, num_classes=-1), ValueError,
+   r'cifar_resnet: argument `num_classes` expected an int >= 1, got -1'),
+  (lambda: cifar_resnet(8, width=2.5), TypeError, r'cifar_resnet: argument `width`.*float'),
+  (lambda: wide_resnet('16'), TypeError, r'wide_resnet: argument `depth`.*str'),
+  (lambda: wide_resnet(16, 0), ValueError, r'wide_resnet: argument `width`.*got 0'),
+  (lambda: wide_resnet(16, 1, base_width=0), ValueError, r'wide_resnet: argument `base_width`'),
+  (lambda: resnet50(width=0), ValueError, r'resnet50: argument `width`.*got 0'),
+  (lambda: resnet50(num_classes=0), ValueError, r'resnet50: argument `num_classes`.*got 0'),
+  (lambda: pws_resnet('34'), TypeError, r'pws_resnet: argument `depth`.*str'),
+  (lambda: pws_resnet(34, width=-2), ValueError, r'pws_resnet: argument `width`.*got -2'),
+  (lambda: pws_resnet(34, num_classes=0), ValueError, r'pws_resnet: argument `num_classes`'),
+])
+def test_preset_counts_fail_fast_naming_the_argument(make, exc, message):
+  # Before: ZeroDivisionError in an initializer, or "'<' not supported between 'str' and 'int'".
+  with pytest.raises(exc, match=message):
+    make()
+
+
+@pytest.mark.parametrize('kwargs, message', [
+  (dict(widths=(4, 0)), r'ResNet: argument `widths` expected an int >= 1, got 0'),
+  (dict(stem_width=0), r'ResNet: argument `stem_width` expected an int >= 1, got 0'),
+  (dict(num_classes=0), r'ResNet: argument `num_classes` expected an int >= 1, got 0'),
+  (dict(stage_sizes=(1, -1)), r'ResNet: argument `stage_sizes` expected an int >= 1, got -1'),
+])
+def test_resnet_module_counts_fail_fast_naming_the_argument(kwargs, message):
+  base = dict(stage_sizes=(1, 1), widths=(4, 8), strides=(1, 2), norm='none')
+  with pytest.raises(ValueError, match=message):
+    ResNet(**{**base, **kwargs}).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+  with pytest.raises(TypeError, match=r'ResNet: argument `num_classes`.*str'):
+    ResNet(**{**base, 'num_classes': '10'}).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+
+
+def test_residual_block_features_fail_fast():
+  from jaxnorm.models import ResidualBlock
+  from jaxnorm.models.registry import Layers
+
+  block = ResidualBlock(layers=Layers(spec=NormSpec('none')), features=0)
+  with pytest.raises(ValueError, match=r'ResidualBlock: argument `features`.*got 0'):
+    block.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 2)), False, jnp.float32(1.0))
+
+
+@pytest.mark.parametrize('groups, exc, message', [
+  (0, ValueError, r'NormSpec: argument `group_norm_groups` expected an int >= 1, got 0'),
+  (-4, ValueError, r'NormSpec: argument `group_norm_groups` expected an int >= 1, got -4'),
+  (2.0, TypeError, r'NormSpec: argument `group_norm_groups`.*float'),
+])
+def test_group_norm_groups_must_be_a_positive_int(groups, exc, message):
+  # Before: gcd(0, C) = C and gcd(-4, C) silently picked a group count.
+  with pytest.raises(exc, match=message):
+    NormSpec('group_norm', group_norm_groups=groups)
+
+
+def test_group_norm_groups_must_divide_the_channels_of_wide_layers():
+  x = jnp.zeros((2, 8, 8, 3))
+  # 3 groups on 16 channels: gcd would silently use 1 group (a LayerNorm); now a clear error.
+  model = cifar_resnet(8, width=16, norm=NormSpec('group_norm', group_norm_groups=3), scan=False)
+  with pytest.raises(ValueError, match=r'GroupNorm stem_norm: argument '
+                     r'`group_norm_groups` expected a divisor of the 16 channels.*got 3'):
+    model.init(jax.random.PRNGKey(0), x)
+  # Narrow layers (C < groups) use gcd(groups, C) groups: the default 32 works at width 4.
+  variables = cifar_resnet(8, width=4, norm='group_norm').init(jax.random.PRNGKey(0), x)
+  assert variables['params']['stem_norm']['group_norm']['scale'].shape == (4,)

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 
 from jaxnorm.models import (
+  MLP,
   ResidualMLP,
   block_tap_groups,
   block_taps,
   cifar_resnet,
   stem_tap,
   unstack_blocks,
+  zero_perturbations,
 )
 
 
@@ -69,11 +71,12 @@ def test_perturbation_gradients_are_the_skip_path_gradients(scan):
   def last_skip_sum(perturbations):
     return jnp.sum(block_taps(forward(perturbations), 'skip')[-1])
 
-  grads = jax.jit(jax.grad(last_skip_sum))(variables['perturbations'])
+  perturbations = zero_perturbations(model, variables, x)
+  grads = jax.jit(jax.grad(last_skip_sum))(perturbations)
   taps = block_taps(grads, 'skip')
   assert len(taps) == depth
   np.testing.assert_array_equal(taps[-1], np.ones((2, 6)))
-  skip_prev = np.asarray(block_taps(forward(variables['perturbations']), 'skip')[-2])
+  skip_prev = np.asarray(block_taps(forward(perturbations), 'skip')[-2])
   w = unstack_blocks(variables['params'])[f'block_{depth - 1}']['dense']['kernel']
   expected = 1.0 + np.ones((2, 6)) @ np.asarray(w).T * (skip_prev > 0)
   np.testing.assert_allclose(taps[-2], expected, rtol=1e-5, atol=1e-6)
@@ -95,3 +98,53 @@ def test_resnet_taps_one_per_block_and_instrumentation_leaves_outputs_unchanged(
   assert [s.shape for s in skips] == [(2, 8, 8, 4)] * 3 + [(2, 4, 4, 8)] * 3 + [(2, 2, 2, 16)] * 3
   assert len(block_taps(tree, 'branch')) == 9
   assert stem_tap(tree).shape == (2, 8, 8, 4)
+
+
+# (model, input shape after the batch axis, state collections, train mode works at batch 1).
+_BATCH_MODELS = {
+  'resnet_unrolled': (lambda: cifar_resnet(8, width=4, scan=False), (8, 8, 3), {'batch_stats'},
+                      True),
+  'resnet_scan_remat': (lambda: cifar_resnet(14, width=4, scan=True, remat=True), (8, 8, 3),
+                        {'batch_stats'}, True),
+  'residual_mlp_bn': (lambda: ResidualMLP(depth=3, width=8, scan=False), (5,), {'batch_stats'},
+                      False),  # BatchNorm over (N, C) needs >= 2 examples in training mode
+  'residual_mlp_scan_remat': (lambda: ResidualMLP(depth=3, width=8, norm='none', scan=True,
+                                                  remat=True), (5,), set(), True),
+  'mlp': (lambda: MLP(depth=2, width=8), (5,), set(), True),
+}
+
+
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n == 'resnet_unrolled'
+                                  else n for n in _BATCH_MODELS])
+def test_init_variables_hold_no_taps_and_work_for_any_batch_size(name):
+  make, shape, state, train_at_one = _BATCH_MODELS[name]
+  model = make()
+  x6 = jax.random.normal(jax.random.PRNGKey(0), (6, *shape))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), x6)
+  # Only what a user keeps: no 'perturbations' (gradient taps) and no 'intermediates'.
+  assert set(variables) == {'params', *state}
+  x3 = x6[:3]
+  eval_fn = jax.jit(lambda v, x: model.apply(v, x))
+  y3 = eval_fn(variables, x3)
+  y1 = eval_fn(variables, x3[:1])
+  assert y3.shape == (3, 10) and y1.shape == (1, 10)
+  # Eval mode treats examples independently: the batch of 1 is the first row of the batch of 3.
+  np.testing.assert_allclose(y1, y3[:1], rtol=1e-5, atol=1e-6)
+  train_fn = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=list(state)))
+  for batch in (1, 3):
+    if batch == 1 and not train_at_one:
+      continue
+    y, updates = train_fn(variables, x6[:batch])
+    assert y.shape == (batch, 10)
+    assert set(updates) == state
+  # Taps are per call: built for this batch, they give gradients shaped like it.
+  perts = zero_perturbations(model, variables, x3, train=True)
+  tap = 'layer' if name == 'mlp' else 'skip'
+
+  def loss(p):
+    y, _ = model.apply({**variables, 'perturbations': p}, x3, train=True, mutable=list(state))
+    return jnp.sum(y)
+
+  taps = block_taps(jax.jit(jax.grad(loss))(perts), tap)
+  assert taps and all(t.shape[0] == 3 for t in taps)
+  assert any(float(jnp.abs(t).max()) > 0 for t in taps)

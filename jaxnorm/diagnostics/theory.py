@@ -29,6 +29,10 @@ RESIDUAL_NORMS = ('batch_norm', 'none')
 # E[relu(z)] and Var[relu(z)] for z ~ N(0, 1).
 RELU_MEAN = 1.0 / math.sqrt(2.0 * math.pi)
 RELU_VAR = 0.5 - 1.0 / (2.0 * math.pi)
+# Weight of grad_sq_mean in the BN gradient-variance recurrence: twice the variance of the ReLU mask
+# 1[z > 0] left after removing its mean and its projection on z (z ~ N(0, 1)):
+# 2 (1/4 - E[z 1[z > 0]]^2) = 2 (1/4 - 1/(2 pi)) = 1/2 - 1/pi.
+BN_GRAD_MEAN_WEIGHT = 0.5 - 1.0 / math.pi
 
 # Gauss-Hermite (probabilists') nodes for expectations over the channel means, E_{u~N(0,1)} h(u).
 _GH_NODES, _GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(80)
@@ -204,12 +208,19 @@ def gradient_variance_recurrence(avg_var: np.ndarray, *, norm: str = 'batch_norm
   [recon] Panigrahi et al.'s text is not available; this is the reconstruction of papers.md §1(a),
   specialised to pre-activation blocks ``x_{l+1} = x_l + alpha W relu(BN(x_l))`` (He-normal W):
 
-  * BatchNorm: the branch's backward is ``(alpha / sigma_l) P D W^T g`` with ``D`` the ReLU mask and
-    ``P`` the BN projection, which removes the batch mean (papers.md §0). ``W^T`` doubles the second
-    moment, ``D`` halves it, so with ``sigma_l^2 = avg_var_l``:
+  * BatchNorm: the branch's backward is ``(alpha / sigma_l) P D W^T g`` with ``D`` the ReLU mask
+    ``d = 1[z > 0]`` of the normalized input ``z ~ N(0, 1)`` and ``P`` the BN projection, which
+    removes, per channel, the batch mean and the component along ``z`` (papers.md §0). Write the
+    incoming gradient per channel as its batch mean plus a fluctuation (``grad_sq_mean`` and
+    ``grad_var`` of the tap). The fresh He-normal ``W^T`` doubles both: ``r_bj = mu_j + e_bj``,
+    ``E_j mu_j^2 = 2 grad_sq_mean``, ``Var e = 2 grad_var``. Through the mask (independent of
+    ``r``), ``d e`` has variance ``grad_var`` (the mask halves ``2 grad_var``), while ``d mu_j`` has batch variance
+    ``mu_j^2 Var(d) = mu_j^2 / 4``, of which ``P`` also removes the part along ``z``,
+    ``mu_j^2 Cov(d, z)^2 = mu_j^2 / (2 pi)``; the branch's gradient has zero batch mean. So, with
+    ``sigma_l^2 = avg_var_l`` and ``k = 2 (1/4 - 1/(2 pi)) = 1/2 - 1/pi`` (``BN_GRAD_MEAN_WEIGHT``):
 
         grad_sq_mean_l = grad_sq_mean_{l+1}
-        grad_var_l     = grad_var_{l+1} + alpha^2 (grad_var_{l+1} + grad_sq_mean_{l+1}) / avg_var_l
+        grad_var_l = grad_var_{l+1} + alpha^2 (grad_var_{l+1} + k grad_sq_mean_{l+1}) / avg_var_l
 
     With ``avg_var_l ~ v0 + c l`` the product ``prod (1 + 1/avg_var_l)`` grows like ``L^(1/c)``:
     polynomially in depth (BN and the skip "confine" the gradient variance).
@@ -242,7 +253,7 @@ def gradient_variance_recurrence(avg_var: np.ndarray, *, norm: str = 'batch_norm
   for i in range(n - 2, -1, -1):
     if norm == 'batch_norm':
       gm[i] = gm[i + 1]
-      gv[i] = gv[i + 1] + a2 * (gv[i + 1] + gm[i + 1]) / avg_var[i]
+      gv[i] = gv[i + 1] + a2 * (gv[i + 1] + BN_GRAD_MEAN_WEIGHT * gm[i + 1]) / avg_var[i]
     else:
       gm[i] = gm[i + 1] * (1.0 + a2)
       gv[i] = gv[i + 1] * (1.0 + a2)

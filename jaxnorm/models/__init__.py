@@ -23,7 +23,10 @@ Why the models are Flax linen (and the NNX layers exist for users' own NNX code)
 Instrumentation contract: the stem output is tapped as 'stem'; every residual block sows 'branch'
 (residual branch before its gain / SkipInit / alpha) and perturbs + sows 'skip' (skip-path
 activation after the block); the plain MLP taps 'layer' per hidden layer. Perturbations are zeros,
-so outputs are unchanged.
+so outputs are unchanged. They are per call, not variables: ``init`` returns only ``params`` and
+the state collections (``batch_stats``), which work for any batch size;
+``zero_perturbations(model, variables, x, ...)`` builds the zero tree for one batch
+(``taps.perturb`` skips the tap in ``init``).
 
 References: papers.md §1-§5b; ECOSYSTEM.md "Depth: scan vs unrolled".
 """
@@ -44,3 +47,4 @@ from jaxnorm.models.stacking import unstack_blocks as unstack_blocks
 from jaxnorm.models.taps import block_tap_groups as block_tap_groups
 from jaxnorm.models.taps import block_taps as block_taps
 from jaxnorm.models.taps import stem_tap as stem_tap
+from jaxnorm.models.taps import zero_perturbations as zero_perturbations

@@ -29,7 +29,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxnorm.functional._checks import check_choice
-from jaxnorm.models.registry import Layers
+from jaxnorm.models.registry import Layers, check_count
+from jaxnorm.models.taps import perturb
 
 STYLES = ('v1', 'v2', 'relu_first')
 EXPANSION = 4  # bottleneck output channels / branch width
@@ -73,6 +74,8 @@ class ResidualBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool, beta):
     check_choice('ResidualBlock', 'style', self.style, STYLES)
+    check_count('ResidualBlock', 'features', self.features)
+    check_count('ResidualBlock', 'strides', self.strides)
     L = self.layers
     act = L.act
     out_features = self.features * (EXPANSION if self.bottleneck else 1)
@@ -128,7 +131,7 @@ class ResidualBlock(nn.Module):
     out = sc + h
     if self.style == 'v1':
       out = act(out)
-    out = self.perturb('skip', out)
+    out = perturb(self, 'skip', out)
     self.sow('intermediates', 'skip', out)
     out = L.bgn_node(out, 'block', name='bgn_block')
     out = L.bgn_node(out, 'layer', name='bgn_out')

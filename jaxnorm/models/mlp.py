@@ -13,9 +13,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxnorm.functional._checks import check_choice, check_positive, fail
-from jaxnorm.models.registry import Layers, NormSpec, check_bgn, make_norm_spec, resolve_skip_init
+from jaxnorm.functional._checks import check_choice, fail
+from jaxnorm.models.registry import (
+  Layers,
+  NormSpec,
+  check_bgn,
+  check_count,
+  make_norm_spec,
+  resolve_skip_init,
+)
 from jaxnorm.models.stacking import default_scan, run_blocks
+from jaxnorm.models.taps import perturb
 
 MLP_NORMS = ('batch_norm', 'ghost_batch_norm', 'none')
 ACTIVATIONS: dict[str, Callable] = {
@@ -56,7 +64,7 @@ class _MLPBlock(nn.Module):
     if self.skip_init is not None:
       branch = L.skip_gain(self.skip_init, name='skip_init')(branch)
     out = x + branch
-    out = self.perturb('skip', out)
+    out = perturb(self, 'skip', out)
     self.sow('intermediates', 'skip', out)
     out = L.bgn_node(out, 'block', name='bgn_block')
     out = L.bgn_node(out, 'layer', name='bgn_out')
@@ -95,14 +103,16 @@ class ResidualMLP(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     spec = _mlp_spec(self.norm, 'ResidualMLP')
-    check_positive('ResidualMLP', 'depth', self.depth)
+    check_count('ResidualMLP', 'depth', self.depth)
+    check_count('ResidualMLP', 'width', self.width)
+    check_count('ResidualMLP', 'num_classes', self.num_classes)
     check_bgn(self.bgn, 'ResidualMLP')
     L = Layers(spec=spec, bgn=self.bgn)
     skip_init = resolve_skip_init(self.skip_init, self.depth, 'ResidualMLP')
     scan = default_scan() if self.scan is None else self.scan
     x = nn.Dense(self.width, kernel_init=nn.initializers.lecun_normal(),
                  name='input_projection')(_flatten(x))
-    x = self.perturb('stem', x)
+    x = perturb(self, 'stem', x)
     self.sow('intermediates', 'stem', x)
     kw = dict(layers=L, width=self.width, skip_init=skip_init)
     x = run_blocks(_MLPBlock, kw, kw, self.depth, x, train, None, scan=scan, remat=self.remat)
@@ -125,7 +135,7 @@ class _MLPLayer(nn.Module):
                  name='dense')(x)
     norm = L.norm(train, name='norm')
     h = ACTIVATIONS[self.activation](h if norm is None else norm(h))
-    h = self.perturb('layer', h)
+    h = perturb(self, 'layer', h)
     self.sow('intermediates', 'layer', h)
     return L.bgn_node(h, 'layer', name='bgn')
 
@@ -157,7 +167,9 @@ class MLP(nn.Module):
   def __call__(self, x, train: bool = False):
     spec = _mlp_spec(self.norm, 'MLP')
     check_choice('MLP', 'activation', self.activation, tuple(ACTIVATIONS))
-    check_positive('MLP', 'depth', self.depth)
+    check_count('MLP', 'depth', self.depth)
+    check_count('MLP', 'width', self.width)
+    check_count('MLP', 'num_classes', self.num_classes)
     if self.bgn not in ('none', 'layer'):
       fail('MLP', 'bgn', "one of 'none', 'layer'", repr(self.bgn))
     L = Layers(spec=spec, bgn=self.bgn)

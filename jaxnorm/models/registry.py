@@ -8,7 +8,7 @@ chooses what they are:
 | ``'batch_norm'`` | ``Conv`` (no bias) | ``BatchNorm`` | relu |
 | ``'ghost_batch_norm'`` | ``Conv`` (no bias) | ``BatchNorm(ghost_batch_size=...)`` | relu |
 | ``'none'`` | ``Conv`` (bias only with ``conv_bias=True``) | none | relu |
-| ``'group_norm'`` | ``Conv`` (no bias) | ``GroupNorm(gcd(32, C))`` | relu |
+| ``'group_norm'`` | ``Conv`` (no bias) | ``GroupNorm(32)`` (``gcd(32, C)`` if C < 32) | relu |
 | ``'ws'`` | ``WSConv`` (no bias) | ``GroupNorm`` (Qiao et al.'s GN+WS) | relu |
 | ``'scaled_ws'`` | ``ScaledWSConv`` (gain, bias) | none; NF alpha, beta | relu * 1.7139 |
 | ``'pws'`` | ``PWSConv`` (alpha, bias) | none; GroupNorm(1) after stem / before head | relu |
@@ -30,6 +30,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxnorm.functional import initializers
 from jaxnorm.functional._checks import check_choice, check_positive, fail
@@ -60,7 +61,9 @@ class NormSpec:
     momentum: BatchNorm running-average momentum (flax convention).
     epsilon: BatchNorm / GroupNorm epsilon.
     ghost_batch_size: sub-batch size of ghost BatchNorm (De & Smith; [recon] default 16).
-    group_norm_groups: maximum number of groups of GroupNorm (``gcd(groups, channels)`` is used).
+    group_norm_groups: number of groups G of GroupNorm (an int >= 1). A layer with C >= G channels
+      uses G groups, and G must divide C; a narrower layer (C < G, e.g. a smoke-test width) uses
+      ``gcd(G, C)`` groups.
     pws_gamma: PWS gamma (epsilon inside the sqrt; the official CIFAR config uses 1e-3).
     pws_mode: PWS fan mode, ``'fan_in'`` or ``'fan_out'``.
     pws_equiv: PWS ``equiv`` mode (gamma scaled by 2/fan).
@@ -83,7 +86,8 @@ class NormSpec:
   def __post_init__(self):
     check_choice('NormSpec', 'norm', self.name, NORMS)
     check_choice('NormSpec', 'pws_mode', self.pws_mode, ('fan_in', 'fan_out'))
-    check_positive('NormSpec', 'ghost_batch_size', self.ghost_batch_size)
+    check_count('NormSpec', 'ghost_batch_size', self.ghost_batch_size)
+    check_count('NormSpec', 'group_norm_groups', self.group_norm_groups)
     check_positive('NormSpec', 'nf_alpha', self.nf_alpha)
 
   @property
@@ -95,6 +99,24 @@ class NormSpec:
   def is_nf(self) -> bool:
     """Whether blocks use NF-ResNet alpha/beta bookkeeping and the gamma-scaled relu."""
     return self.name == 'scaled_ws'
+
+
+def check_count(layer: str, arg: str, value, minimum: int = 1) -> int:
+  """Returns ``value`` as an int after checking it is an integer (not a bool) ``>= minimum``.
+
+  Used for widths, depths, class and group counts, where a 0 or a string would otherwise surface
+  far away (a division by zero in an initializer, a comparison of str and int).
+
+  Raises:
+    TypeError: naming ``layer`` and ``arg``, when ``value`` is not an integer.
+    ValueError: naming ``layer`` and ``arg``, when ``value < minimum``.
+  """
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    fail(layer, arg, f'an int >= {minimum}', f'{value!r} of type {type(value).__name__}',
+         TypeError)
+  if value < minimum:
+    fail(layer, arg, f'an int >= {minimum}', repr(value))
+  return int(value)
 
 
 def make_norm_spec(norm: str | NormSpec, layer: str = 'model') -> NormSpec:
@@ -232,13 +254,24 @@ class Layers:
 
 
 class _GroupNorm(nn.Module):
-  """flax GroupNorm with ``gcd(max_groups, channels)`` groups (so any width works)."""
+  """flax GroupNorm: ``max_groups`` groups, or ``gcd(max_groups, C)`` on C < max_groups channels.
+
+  Narrow layers (smoke-test widths) thus still work, while a wide layer whose channel count the
+  requested group count does not divide fails fast instead of silently using fewer groups.
+  """
   max_groups: int = 32
   epsilon: float = 1e-5
   scale_init: Callable = nn.initializers.ones
 
   @nn.compact
   def __call__(self, x):
-    groups = math.gcd(self.max_groups, x.shape[-1])
+    channels = x.shape[-1]
+    layer = 'GroupNorm ' + '/'.join(self.scope.path) if self.scope is not None else 'GroupNorm'
+    check_count(layer, 'group_norm_groups', self.max_groups)
+    if channels >= self.max_groups and channels % self.max_groups:
+      fail(layer, 'group_norm_groups',
+           f'a divisor of the {channels} channels of its input (or a count > {channels})',
+           self.max_groups)
+    groups = math.gcd(self.max_groups, channels)
     return nn.GroupNorm(num_groups=groups, epsilon=self.epsilon, scale_init=self.scale_init,
                         name='group_norm')(x)

@@ -23,10 +23,12 @@ from jaxnorm.models.registry import (
   Layers,
   NormSpec,
   check_bgn,
+  check_count,
   make_norm_spec,
   resolve_skip_init,
 )
 from jaxnorm.models.stacking import default_scan, run_blocks
+from jaxnorm.models.taps import perturb
 
 
 def nf_betas(stage_sizes: Sequence[int], alpha: float) -> list[list[float]]:
@@ -104,7 +106,13 @@ class ResNet(nn.Module):
       fail('ResNet', 'stage_sizes', 'as many entries as `widths` and `strides`',
            f'{len(self.stage_sizes)}, {len(self.widths)}, {len(self.strides)}')
     for n in self.stage_sizes:
-      check_positive('ResNet', 'stage_sizes', n)
+      check_count('ResNet', 'stage_sizes', n)
+    for w in self.widths:
+      check_count('ResNet', 'widths', w)
+    for st in self.strides:
+      check_count('ResNet', 'strides', st)
+    check_count('ResNet', 'stem_width', self.stem_width)
+    check_count('ResNet', 'num_classes', self.num_classes)
     check_positive('ResNet', 'dropout_rate', self.dropout_rate, allow_zero=True)
     return spec, style
 
@@ -128,7 +136,7 @@ class ResNet(nn.Module):
       x = L.act(x if stem_norm is None else stem_norm(x))
     if self.stem == 'imagenet':
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
-    x = self.perturb('stem', x)
+    x = perturb(self, 'stem', x)
     self.sow('intermediates', 'stem', x)
     x = L.bgn_node(x, 'layer', name='bgn_stem')
 
@@ -176,6 +184,12 @@ class _Stage(nn.Module):
                       scan=self.scan, remat=self.remat)
 
 
+def _check_preset(layer: str, **counts) -> None:
+  """Fails fast on a non-int or non-positive depth / width / class count of a preset."""
+  for arg, value in counts.items():
+    check_count(layer, arg, value)
+
+
 def _regularized(kw: dict, regularized: bool) -> dict:
   """Regularized SkipInit (De & Smith): SkipInit(0) + conv biases + dropout before the head.
 
@@ -211,6 +225,7 @@ def cifar_resnet(depth: int = 20, *, width: int = 16, norm: str | NormSpec = 'ba
 
   References: He et al. 2016a §4.2; papers.md §4 (Bjorck et al.'s ResNet-110).
   """
+  _check_preset('cifar_resnet', depth=depth, width=width, num_classes=num_classes)
   if depth < 8 or (depth - 2) % 6:
     fail('cifar_resnet', 'depth', '6n + 2 with n >= 1 (20, 56, 110, 1202, ...)', depth)
   n = (depth - 2) // 6
@@ -235,6 +250,8 @@ def wide_resnet(depth: int = 16, width: int = 4, *, base_width: int = 16,
 
   References: Zagoruyko & Komodakis 2016; De & Smith 2020 (papers.md §3(b): depths 16, 100, 1000).
   """
+  _check_preset('wide_resnet', depth=depth, width=width, base_width=base_width,
+                num_classes=num_classes)
   if depth < 10 or (depth - 4) % 6:
     fail('wide_resnet', 'depth', '6n + 4 with n >= 1 (16, 28, 100, 1000, ...)', depth)
   n = (depth - 4) // 6
@@ -260,6 +277,7 @@ def resnet50(style: str = 'v1', *, width: int = 64, norm: str | NormSpec = 'batc
 
   References: He et al. 2016a/b; papers.md §3(b) (ResNet-50-V2), §5(b).
   """
+  _check_preset('resnet50', width=width, num_classes=num_classes)
   kw = _regularized(dict(skip_init=skip_init, **kwargs), regularized)
   return ResNet(stage_sizes=(3, 4, 6, 3), widths=tuple(width * m for m in (1, 2, 4, 8)),
                 stem_width=width, strides=(1, 2, 2, 2), bottleneck=True, style=style,
@@ -288,6 +306,8 @@ def pws_resnet(depth: int = 34, *, width: int = 64, norm: str | NormSpec = 'pws'
 
   References: Liu et al. 2021, papers.md §5(b).
   """
+  _check_preset('pws_resnet', depth=depth, width=width,
+                num_classes=1 if num_classes is None else num_classes)
   check_choice('pws_resnet', 'depth', depth, (34, 50))
   cifar = depth == 34
   if norm == 'pws':

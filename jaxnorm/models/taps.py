@@ -6,6 +6,11 @@ records ``'layer'`` per hidden layer. They sit in a collection tree whose nestin
 modules (``stage_0/block_0/skip``; scanned blocks hold one stacked leaf under ``scanned_blocks``).
 These helpers turn such a tree into a flat list in network order.
 
+The ``'perturbations'`` taps are per call, never part of a model's variables: ``perturb`` (which
+the models call instead of ``Module.perturb``) does nothing while the model is initializing, so
+``init`` returns only what a user keeps (``params``, ``batch_stats``, ...) and the variables work
+for any batch size. Build a zero perturbation tree for one batch with ``zero_perturbations``.
+
 References: papers.md §0 (signal-propagation metrics per block), §1 and §3 (per-block statistics).
 """
 
@@ -13,12 +18,73 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jaxnorm.models.stacking import SCANNED
 
 _DIGITS = re.compile(r'(\d+)')
+
+
+# Per-call collections: never part of the variables a user keeps.
+PER_CALL = ('intermediates', 'perturbations')
+
+
+def perturb(module: nn.Module, name: str, value):
+  """A gradient tap: ``module.perturb(name, value)``, skipped while the model is initializing.
+
+  ``Module.perturb`` adds a zero variable of ``value``'s shape to the ``'perturbations'``
+  collection whenever that collection is mutable, which it is in ``init``: the variables would then
+  hold zeros shaped like the init batch, and an ``apply`` on another batch size would broadcast
+  against them (a wrong number of rows) or fail. Skipping the tap during ``init`` (also inside
+  ``nn.scan`` / ``nn.remat``, which propagate the flag) keeps the variables batch-independent; at
+  ``apply`` the tap works as usual (created when 'perturbations' is mutable, added when passed,
+  a no-op otherwise).
+
+  Args:
+    module: the calling module (bound, inside a compact method).
+    name: the tap name ('stem', 'skip', 'layer').
+    value: the activation to tap.
+
+  Returns:
+    ``value`` (plus the zero perturbation, when one is passed to ``apply``).
+  """
+  if module.is_initializing():
+    return value
+  return module.perturb(name, value)
+
+
+def zero_perturbations(model: nn.Module, variables: Mapping[str, Any], *args, **kwargs):
+  """A zero ``'perturbations'`` tree shaped for this call of ``model`` (no computation runs).
+
+  Differentiate a loss w.r.t. it to read the gradient at every tap::
+
+    perts = zero_perturbations(model, variables, x, train=True)
+    def loss(p):
+      logits, _ = model.apply({**variables, 'perturbations': p}, x, train=True,
+                              mutable=['batch_stats'])
+      return logits.sum()
+    tap_grads = jax.grad(loss)(perts)    # block_taps(tap_grads, 'skip'), ...
+
+  Args:
+    model: a Flax linen module that taps with ``perturb``.
+    variables: its variables; any 'intermediates' or 'perturbations' in them are ignored.
+    *args: the positional arguments of ``model.apply`` after the variables (the input batch).
+    **kwargs: its keyword arguments (``train=...``, ``rngs=...``); ``mutable`` is set here.
+
+  Returns:
+    The perturbation tree (zeros), ``{}`` if the model has no taps.
+  """
+  if not isinstance(variables, Mapping):
+    raise TypeError(f'zero_perturbations: argument `variables` expected a mapping, got '
+                    f'{type(variables).__name__}.')
+  base = {k: v for k, v in variables.items() if k not in PER_CALL}
+  kwargs = {k: v for k, v in kwargs.items() if k != 'mutable'}
+  _, shapes = jax.eval_shape(lambda v: model.apply(v, *args, mutable=True, **kwargs), base)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes.get('perturbations', {}))
 
 
 def _natural_key(key) -> tuple:
