@@ -10,9 +10,24 @@ hosts, start the same command on every host; it calls ``jax.distributed.initiali
 ``--multihost`` is set (arguments come from the environment on Cloud TPU, or from
 ``--coordinator_address``, ``--num_processes`` and ``--process_id``).
 
-Exit status: 0 done; 1 invalid config value or missing data set (one-line message, no
-traceback); 3 the loss became non-finite (the message names the step and the last good
-checkpoint; the divergence is recorded in ``metrics.jsonl``).
+A workdir belongs to one run: a relaunch with another config (``total_steps`` included) is
+refused naming the differing fields, a second launch while one runs is refused (``<workdir>/lock``
+names its host and pid; a lock left by a process that is gone is taken over), and relaunching a
+finished run prints its summary and writes nothing.
+
+SIGTERM or SIGINT (what Colab, preemptible TPU VMs and cluster schedulers send) finishes the
+current step, saves a checkpoint of it and exits; the same command resumes there, and the resumed
+run ends exactly as an uninterrupted one (``metrics.jsonl`` equal up to ``examples_per_second``).
+
+Exit status (every error is one line on stderr, no traceback):
+
+- 0: done, or the run had already finished;
+- 1: an invalid flag or config value (a misspelt field gets a "did you mean"), a missing data set,
+  a workdir that cannot be created or written, another run's workdir, or a workdir in use;
+- 3: the loss became non-finite (the message names the step and the last good checkpoint; the
+  divergence is recorded in ``metrics.jsonl``);
+- 128 + the signal number (143 for SIGTERM, 130 for SIGINT): stopped by that signal after saving
+  a checkpoint; run the same command again to resume.
 """
 
 from __future__ import annotations
@@ -32,13 +47,27 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This host.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _one_line(e: BaseException) -> str:
+  """The informative line of a flag-parsing error.
+
+  ml_collections reports an unknown ``--config.<field>`` as a ``KeyError`` / ``AttributeError``
+  whose text is the quoted field name and, on the next line, its "did you mean" suggestion.
+  """
+  if isinstance(e, (KeyError, AttributeError)):
+    text = str(e).replace('\\n', '\n').replace("\\'", "'")
+    lines = [line.strip().strip('"\'') for line in text.splitlines() if line.strip()]
+    if lines:
+      return ' '.join([f'unknown config field {lines[0]!r}.', *lines[1:]])
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  return lines[-1] if lines else repr(e)
+
+
 def parse_flags(argv):
-  """Parses flags; a bad flag or config file exits with one line, not a traceback."""
+  """Parses flags; a bad flag, config file or config field exits with one line, not a traceback."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    print(f'error: {lines[-1] if lines else e}', file=sys.stderr)
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+    print(f'error: {_one_line(e)}', file=sys.stderr)
     sys.exit(1)
 
 
@@ -51,16 +80,29 @@ def main(argv):
   if _MULTIHOST.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
-  from jaxnorm.training import ConfigError, DatasetNotFoundError, NonFiniteLossError, train
+  from jaxnorm.training import (
+    ConfigError,
+    ConfigMismatchError,
+    DatasetNotFoundError,
+    NonFiniteLossError,
+    Preempted,
+    WorkdirError,
+    WorkdirLockedError,
+    train,
+  )
 
   try:
     summary = train(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DatasetNotFoundError) as e:
+  except (ConfigError, DatasetNotFoundError, WorkdirError, WorkdirLockedError,
+          ConfigMismatchError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   except NonFiniteLossError as e:
     print(f'stopped: {e}', file=sys.stderr)
     return 3
+  except Preempted as e:
+    print(f'stopped: {e}', file=sys.stderr)
+    return 128 + int(e.signum)
   keys = ('step', 'train_loss', 'train_accuracy', 'eval_loss', 'eval_accuracy',
           'examples_per_second')
   print('final: ' + ', '.join(f'{k}={summary[k]:.4g}' if isinstance(summary.get(k), float)

@@ -228,3 +228,54 @@ def test_kernel_gradient_chunks_of_bfloat16_round_once():
     conv_module._dimension_numbers(2))
   assert dw.dtype == jnp.bfloat16
   np.testing.assert_allclose(dw.astype(jnp.float32), want, rtol=2**-8, atol=1e-6)
+
+
+@pytest.mark.parametrize('strides, padding, dilation', [(1, 'SAME', 1), (2, 'VALID', 1),
+                                                        (1, ((2, 0), (1, 1)), 2)])
+def test_second_derivatives_equal_autodiff_float64(strides, padding, dilation):
+  # Upstream parameter u -> x = tanh(u * x0) -> conv(x, w) -> sin: Hessians w.r.t. (u, x0, w)
+  # (forward over reverse), grad of a gradient norm (reverse over reverse) and jacrev(grad).
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(16)
+    x0 = jnp.asarray(rng.normal(size=(2, 6, 5, 3)))
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 2)) / 3.0)
+    u = jnp.asarray(rng.normal(size=(3,)))
+    cot = jnp.asarray(rng.normal(size=conv(x0, w, strides=strides, padding=padding,
+                                           kernel_dilation=dilation).shape))
+
+    def loss(cb):
+      def f(u, x0, w):
+        y = conv(jnp.tanh(u * x0), w, strides=strides, padding=padding,
+                 kernel_dilation=dilation, custom_backward=cb)
+        return jnp.sum(jnp.sin(y) * cot)
+      return f
+
+    def derivatives(cb):
+      f = loss(cb)
+      grad_norm = lambda *a: sum(jnp.sum(g ** 2) for g in jax.grad(f, (0, 1, 2))(*a))
+      return {'hessian': jax.hessian(f, (0, 1, 2))(u, x0, w),
+              'grad_of_grad': jax.grad(grad_norm, (0, 1, 2))(u, x0, w),
+              'jacrev_grad': jax.jacrev(jax.grad(f, 2), (0, 2))(u, x0, w)}
+
+    ours, ref = (jax.jit(lambda c=c: derivatives(c))() for c in (True, False))
+  for key in ref:
+    for a, b in zip(jax.tree.leaves(ours[key]), jax.tree.leaves(ref[key]), strict=True):
+      scale = max(float(np.max(np.abs(b))), 1e-300)
+      assert float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) <= 1e-8 * scale, key
+
+
+def test_second_derivatives_through_the_batch_chunked_kernel_gradient_float64():
+  # Batch 64 takes the chunked kernel gradient on CPU (see the chunking test above).
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(17)
+    x = jnp.asarray(rng.normal(size=(64, 4, 4, 2)))
+    w = jnp.asarray(rng.normal(size=(3, 3, 2, 2)) / 3.0)
+
+    def derivatives(cb):
+      f = lambda x, w: jnp.sum(jnp.sin(conv(jnp.tanh(x), w, custom_backward=cb)))
+      grad_norm = lambda x, w: jnp.sum(jax.grad(f, 1)(x, w) ** 2)
+      return jax.hessian(f, 1)(x, w), jax.grad(grad_norm, (0, 1))(x, w)
+
+    ours, ref = (jax.jit(lambda c=c: derivatives(c))() for c in (True, False))
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+    assert float(np.max(np.abs(a - b))) <= 1e-8 * float(np.max(np.abs(b)))

@@ -55,3 +55,47 @@ def test_nesterov_needs_momentum():
   c.optimizer.nesterov = True
   with pytest.raises(ConfigError, match='config.optimizer.nesterov'):
     validate_config(c)
+
+
+@pytest.mark.parametrize('name', ['cifar_resnet', 'wide_resnet', 'resnet50', 'pws_resnet',
+                                  'MLP', 'ResidualMLP'])
+def test_model_section_holds_every_keyword_of_the_factory(name):
+  import dataclasses
+  import inspect
+
+  from jaxnorm import models
+  from jaxnorm.training.config import model_config
+
+  factory = getattr(models, name)
+  section = model_config(name)
+  params = inspect.signature(factory).parameters
+  named = {p for p, v in params.items()
+           if v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL) and p not in ('num_classes', 'parent',
+                                                                               'name')}
+  assert named <= set(section) - {'name'}
+  for p in named:
+    if params[p].default is not inspect.Parameter.empty:
+      assert section[p] == params[p].default, p
+  if any(v.kind == v.VAR_KEYWORD for v in params.values()):
+    # Keywords forwarded to the module (e.g. skip_init, bgn of the ResNet presets) are there too.
+    module = factory()
+    forwarded = {f.name for f in dataclasses.fields(module) if f.init} - named - {
+        'parent', 'name', 'num_classes'}
+    accepted = set()
+    for f in forwarded:
+      try:
+        factory(**{f: getattr(module, f)})
+        accepted.add(f)
+      except TypeError:
+        pass
+    assert accepted <= set(section)
+    assert {'skip_init', 'bgn'} <= set(section)
+
+
+def test_model_section_rejects_a_keyword_the_factory_lacks():
+  from jaxnorm.training.config import model_config
+
+  with pytest.raises(ConfigError, match='model.skip_intt'):
+    model_config('cifar_resnet', skip_intt=0.0)
+  with pytest.raises(ConfigError, match='model.name'):
+    model_config('no_such_factory')

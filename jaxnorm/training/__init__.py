@@ -6,11 +6,19 @@
 - ``steps``: ``TrainState``, the jitted train/eval steps over a ``'data'`` mesh.
 - ``checkpoint``: Orbax checkpoints with fallback past a damaged latest one.
 - ``metrics``: ``metrics.jsonl``, TensorBoard event files, progress bar.
-- ``config``: default config and validation; ``loop``: ``train(config, workdir)``.
+- ``config``: default config, the model section derived from the factory signatures, validation.
+- ``workdir``: one run per workdir (lock file, config check, finished runs).
+- ``loop``: ``train(config, workdir)``, with checkpoint-and-stop on SIGTERM / SIGINT.
 """
 
 from jaxnorm.training.checkpoint import Checkpointer
-from jaxnorm.training.config import ConfigError, default_config, validate_config
+from jaxnorm.training.config import (
+    ConfigError,
+    default_config,
+    factory_keywords,
+    model_config,
+    validate_config,
+)
 from jaxnorm.training.data import (
     DATASETS,
     BatchIterator,
@@ -19,7 +27,7 @@ from jaxnorm.training.data import (
     eval_batches,
     load_dataset,
 )
-from jaxnorm.training.loop import NonFiniteLossError, build_model, evaluate, train
+from jaxnorm.training.loop import NonFiniteLossError, Preempted, build_model, evaluate, train
 from jaxnorm.training.metrics import EventWriter, JsonlWriter, read_metrics
 from jaxnorm.training.optim import default_decay_mask, make_optimizer, make_schedule
 from jaxnorm.training.steps import (
@@ -31,12 +39,14 @@ from jaxnorm.training.steps import (
     make_train_step,
     shard_batch,
 )
+from jaxnorm.training.workdir import ConfigMismatchError, WorkdirError, WorkdirLockedError
 
 __all__ = [
-    'DATASETS', 'BatchIterator', 'Checkpointer', 'ConfigError', 'Dataset',
-    'DatasetNotFoundError', 'EventWriter', 'JsonlWriter', 'NonFiniteLossError', 'TrainState',
-    'build_model', 'create_train_state', 'cross_entropy', 'default_config',
-    'default_decay_mask', 'eval_batches', 'evaluate', 'load_dataset', 'make_eval_step',
-    'make_mesh', 'make_optimizer', 'make_schedule', 'make_train_step', 'read_metrics',
-    'shard_batch', 'train', 'validate_config',
+    'DATASETS', 'BatchIterator', 'Checkpointer', 'ConfigError', 'ConfigMismatchError', 'Dataset',
+    'DatasetNotFoundError', 'EventWriter', 'JsonlWriter', 'NonFiniteLossError', 'Preempted',
+    'TrainState', 'WorkdirError', 'WorkdirLockedError', 'build_model', 'create_train_state',
+    'cross_entropy', 'default_config', 'default_decay_mask', 'eval_batches', 'evaluate',
+    'factory_keywords', 'load_dataset', 'make_eval_step', 'make_mesh', 'make_optimizer',
+    'make_schedule', 'make_train_step', 'model_config', 'read_metrics', 'shard_batch', 'train',
+    'validate_config',
 ]

@@ -5,7 +5,9 @@ A checkpoint at step ``s`` lives in ``<workdir>/checkpoints/<s>/`` and holds the
 a JSON item ``extra`` (the data iterator's position and the partial metric window), so a resumed
 run continues bit-for-bit. Orbax writes into a temporary directory and renames it when complete, so
 a run killed while saving leaves no half checkpoint behind; a checkpoint damaged afterwards (files
-truncated or removed) fails to restore, is reported, and the previous one is used.
+truncated or removed) fails to restore, is reported, moved aside to ``<step>.corrupt-<time>/``
+(a name Orbax does not read as a step, so nothing is deleted and the step can be saved again),
+and the previous one is used.
 
 References:
   Orbax ``CheckpointManager`` (github.com/google/orbax).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -55,6 +58,26 @@ class Checkpointer:
   def path(self, step: int | None) -> str:
     return 'none' if step is None else os.path.join(self.directory, str(step))
 
+  def move_aside(self, step: int) -> str:
+    """Renames checkpoint ``step`` to ``<step>.corrupt-<time>`` (host 0); returns the new path.
+
+    Orbax never saves a step at or below its newest one, so a damaged checkpoint left in place
+    would stop every later save of that step; the renamed directory is kept for inspection.
+    """
+    aside = f'{self.path(step)}.corrupt-{time.strftime("%Y%m%dT%H%M%S")}'
+    n = 1
+    while os.path.exists(aside):
+      aside = f'{self.path(step)}.corrupt-{time.strftime("%Y%m%dT%H%M%S")}-{n}'
+      n += 1
+    if jax.process_index() == 0:
+      os.rename(self.path(step), aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f'jaxnorm-checkpoint-move-aside-{step}')
+    self.manager.reload()
+    return aside
+
   def restore_latest(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
     """Restores the newest checkpoint that loads, newest first.
 
@@ -63,7 +86,9 @@ class Checkpointer:
         initialized state); restored arrays take its shardings.
 
     Returns:
-      ``(step, state, extra)``, or ``None`` when there is no usable checkpoint.
+      ``(step, state, extra)``, or ``None`` when there is no usable checkpoint. Every checkpoint
+      newer than the returned one could not be restored and has been moved aside
+      (:meth:`move_aside`), so saving continues at those steps.
     """
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), target)
@@ -73,8 +98,10 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
         return step, restored['state'], dict(restored['extra'])
       except Exception as e:  # noqa: BLE001 -- any failure means this checkpoint is unusable.
-        msg = (f'checkpoint {self.path(step)} could not be restored ({type(e).__name__}: '
-               f'{str(e).splitlines()[0][:200] if str(e) else ""}); trying the previous one.')
+        reason = f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'
+        aside = self.move_aside(step)
+        msg = (f'checkpoint {self.path(step)} could not be restored ({reason}); moved to '
+               f'{aside}; trying the previous one.')
         log.warning(msg)
         print(f'WARNING: {msg}', flush=True)
     return None

@@ -8,8 +8,10 @@ Fields (defaults in :func:`default_config`):
 
 - ``dataset`` (one of ``jaxnorm.training.data.DATASETS``), ``data_dir``, ``image_size``,
   ``augment``; ``synthetic.{shape, num_classes, num_examples}`` for the Gaussian source.
-- ``model.name``: a factory in ``jaxnorm.models`` (e.g. ``'cifar_resnet'``); every other
-  ``model.*`` field is passed to it as a keyword argument, plus ``num_classes``.
+- ``model``: :func:`model_config` -- ``model.name`` (a factory in ``jaxnorm.models``, e.g.
+  ``'cifar_resnet'``, or ``'package.module:factory'``) and every keyword of that factory with its
+  default, derived from the factory's signature (:func:`factory_keywords`), so each one can be set
+  on the command line (``--config.model.skip_init=0.0``). ``num_classes`` comes from the data set.
 - ``batch_size`` (global), ``eval_batch_size``, ``total_steps``, ``seed``.
 - ``optimizer.{name, learning_rate, momentum, nesterov, weight_decay, b1, b2, eps, agc_clip}``.
 - ``schedule.{name, warmup_steps, step_boundaries, step_decay}``.
@@ -23,7 +25,14 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib
+import inspect
+from typing import Any
+
 import ml_collections
+from ml_collections import config_dict
 
 from jaxnorm.training.data import DATASETS
 from jaxnorm.training.optim import OPTIMIZERS, SCHEDULES
@@ -49,8 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.synthetic = ml_collections.ConfigDict(
       {'shape': (8, 8, 1), 'num_classes': 10, 'num_examples': 1024})
 
-  c.model = ml_collections.ConfigDict(
-      {'name': 'cifar_resnet', 'depth': 8, 'norm': 'batch_norm'})
+  c.model = model_config('cifar_resnet', depth=8, norm='batch_norm')
 
   c.seed = 0
   c.batch_size = 128
@@ -71,6 +79,109 @@ def default_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpoints = False
   c.progress_bar = True
+  return c
+
+
+# Keywords a model factory receives from the launcher, never from the config.
+_NOT_CONFIGURABLE = ('num_classes', 'parent', 'name')
+
+
+def resolve_factory(name: str):
+  """The model factory ``name``: ``jaxnorm.models.<name>`` or ``'package.module:factory'``.
+
+  Raises:
+    ConfigError: naming ``model.name`` when there is no such callable.
+  """
+  expected = "a factory in jaxnorm.models or 'package.module:factory'"
+  if not isinstance(name, str) or not name:
+    raise ConfigError('model.name', expected, name)
+  module_name, attr = name.split(':', 1) if ':' in name else ('jaxnorm.models', name)
+  try:
+    factory = getattr(importlib.import_module(module_name), attr, None)
+  except ImportError:
+    factory = None
+  if factory is None or not callable(factory):
+    raise ConfigError('model.name', expected, name)
+  return factory
+
+
+def factory_keywords(name: str) -> dict[str, Any]:
+  """Every keyword of model factory ``name`` with its default (``inspect.Parameter.empty``: none).
+
+  The keywords are the factory's named parameters (``num_classes`` excluded: it comes from the data
+  set). A ``jaxnorm.models`` factory whose ``**kwargs`` go on to the module it builds (the ResNet
+  presets) also takes that module's dataclass fields it does not set itself; those are found by
+  calling the factory with each field and keeping the ones it accepts, and their default is the
+  value in the module the factory builds with no arguments (e.g. ``style='v2'`` for
+  ``wide_resnet``). Deriving them from the code keeps the config in step with the factories.
+  """
+  return dict(_factory_keywords(name))
+
+
+@functools.cache
+def _factory_keywords(name: str) -> dict[str, Any]:
+  factory = resolve_factory(name)
+  out: dict[str, Any] = {}
+  forwards_kwargs = False
+  for p in inspect.signature(factory).parameters.values():
+    if p.kind == p.VAR_KEYWORD:
+      forwards_kwargs = True
+    elif p.kind != p.VAR_POSITIONAL and p.name not in _NOT_CONFIGURABLE:
+      out[p.name] = p.default
+  if forwards_kwargs and ':' not in name:
+    module = factory()
+    for f in dataclasses.fields(module) if dataclasses.is_dataclass(module) else ():
+      if f.name in out or f.name in _NOT_CONFIGURABLE or not f.init:
+        continue
+      value = getattr(module, f.name)
+      try:
+        factory(**{f.name: value})
+      except TypeError:  # "got multiple values for keyword argument": the factory sets it.
+        continue
+      out[f.name] = value
+  return out
+
+
+_PARSED_TYPES = {'int': int, 'float': float, 'str': str, 'bool': bool}
+
+
+def _field(default, annotation) -> Any:
+  """A config field for a factory keyword, typed so that the command line can set it."""
+  if default is inspect.Parameter.empty:  # Required: a typed placeholder (None until set).
+    kind = _PARSED_TYPES.get(annotation if isinstance(annotation, str) else
+                             getattr(annotation, '__name__', ''), object)
+    return config_dict.placeholder(kind)
+  if default is None or not isinstance(default, bool | int | float | str | tuple):
+    # None means "automatic" or "off" and the alternatives have other types (skip_init: a float
+    # or 'inv_sqrt_depth'); `object` fields parse a Python literal, else keep the string.
+    return config_dict.FieldReference(default, field_type=object)
+  return default
+
+
+def model_config(name: str = 'cifar_resnet', **values) -> ml_collections.ConfigDict:
+  """The ``model`` section for factory ``name``: every keyword of it, with its default.
+
+  Args:
+    name: a factory in ``jaxnorm.models`` or ``'package.module:factory'``.
+    **values: keywords to set (each must be a keyword of the factory).
+
+  Returns:
+    ``ConfigDict(name=name, <keyword>=<default>, ...)``; keywords without a default are ``None``
+    until set (``validate_config`` asks for them).
+
+  Raises:
+    ConfigError: an unknown factory or keyword.
+  """
+  keywords = factory_keywords(name)
+  factory = resolve_factory(name)
+  annotations = {p.name: p.annotation for p in inspect.signature(factory).parameters.values()}
+  c = ml_collections.ConfigDict({'name': name})
+  for key, default in keywords.items():
+    c[key] = _field(default, annotations.get(key, inspect.Parameter.empty))
+  for key, value in values.items():
+    if key not in keywords:
+      raise ConfigError(f'model.{key}', f'a keyword of {name} ({", ".join(keywords)})', value)
+    c[key] = value
   return c
 
 
@@ -105,6 +216,13 @@ def _get(c, field):
   return value
 
 
+def _is_required(name: str, key: str) -> bool:
+  try:
+    return factory_keywords(name).get(key) is inspect.Parameter.empty
+  except ConfigError:
+    return False  # An unknown factory is reported when the model is built.
+
+
 def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Checks every field; raises :class:`ConfigError` naming the first bad one.
 
@@ -130,6 +248,9 @@ def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None
   if not isinstance(_get(c, 'model.name'), str) or not c.model.name:
     raise ConfigError('model.name', 'the name of a model factory in jaxnorm.models',
                       c.model.name)
+  for key, value in c.model.items():
+    if value is None and _is_required(c.model.name, key):
+      raise ConfigError(f'model.{key}', f'a value (required by {c.model.name})', None)
   _choice(c, 'optimizer.name', OPTIMIZERS)
   _num(c, 'optimizer.learning_rate', 0, float('inf'), lo_open=True, hi_open=True)
   _num(c, 'optimizer.momentum', 0, 1, hi_open=True)

@@ -448,14 +448,19 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
       self._perm_epoch = epoch
     return self._perm[k * self.global_batch_size:(k + 1) * self.global_batch_size]
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    idx = self.indices(self.step)
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """This host's slice of batch ``step``, without moving the iterator."""
+    idx = self.indices(step)
     lo = self.process_index * self.local_batch_size
     idx = idx[lo:lo + self.local_batch_size]
-    rng = np.random.default_rng([self.seed, self.step, self.process_index])
+    rng = np.random.default_rng([self.seed, step, self.process_index])
     images, labels = self.dataset.get(idx, rng, self.train)
-    self.step += 1
     return {'image': images, 'label': labels}
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    out = self.batch(self.step)
+    self.step += 1
+    return out
 
 
 def eval_batches(dataset: Dataset, global_batch_size: int, *, process_index: int | None = None,

@@ -46,6 +46,7 @@ class JsonlWriter:
   def __init__(self, path: str, resume_step: int | None = None):
     self.path = path
     keep = []
+    self.records: list[dict[str, Any]] = []  # The records kept from the interrupted run.
     if resume_step is not None and os.path.exists(path):
       with open(path) as f:
         for line in f:
@@ -55,6 +56,7 @@ class JsonlWriter:
             continue  # A line cut by a kill.
           if record.get('step', 0) <= resume_step:
             keep.append(line if line.endswith('\n') else line + '\n')
+            self.records.append(record)
     with open(path, 'w') as f:
       f.writelines(keep)
 

@@ -74,14 +74,17 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def create_train_state(model, tx: optax.GradientTransformation, example_input: np.ndarray,
+def create_train_state(model, tx: optax.GradientTransformation, example_input,
                        seed: int, mesh: Mesh) -> TrainState:
   """Initializes the model and optimizer, replicated over ``mesh``.
 
   Args:
     model: a Flax linen module called as ``model.apply(variables, x, train=bool)``.
     tx: the optimizer.
-    example_input: an input batch (its shape sets the parameter shapes).
+    example_input: a real input batch: its shape sets the parameter shapes and its values feed
+      data-dependent initializations (``PWSConv(init_alpha=True)`` sets its gain from the
+      statistics of its output on this batch; on zeros that gain would be infinite). A numpy
+      array (the whole batch) or a ``jax.Array`` sharded over ``mesh`` (:func:`shard_batch`).
     seed: initialization seed.
     mesh: device mesh; the state is replicated on it.
 
@@ -97,8 +100,12 @@ def create_train_state(model, tx: optax.GradientTransformation, example_input: n
                       batch_stats=variables.get('batch_stats', {}),
                       opt_state=tx.init(params), rng=state_rng)
 
-  x = jnp.zeros(example_input.shape, jnp.float32)
-  return jax.jit(init, out_shardings=replicated(mesh))(x)
+  x = example_input
+  if not isinstance(x, jax.Array):
+    x = np.asarray(x, np.float32)
+    x = jax.device_put(x, batch_sharded(mesh) if x.shape[0] % mesh.size == 0
+                       else replicated(mesh))
+  return jax.jit(init, out_shardings=replicated(mesh))(x.astype(jnp.float32))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
