@@ -217,8 +217,8 @@ def gradient_variance_recurrence(avg_var: np.ndarray, *, norm: str = 'batch_norm
     ``r``), ``d e`` has variance ``grad_var`` (the mask halves ``2 grad_var``), while ``d mu_j``
     has batch variance ``mu_j^2 Var(d) = mu_j^2 / 4``, of which ``P`` also removes the part
     along ``z``, ``mu_j^2 Cov(d, z)^2 = mu_j^2 / (2 pi)``; the branch's gradient has zero batch
-    mean. So, with
-    ``sigma_l^2 = avg_var_l`` and ``k = 2 (1/4 - 1/(2 pi)) = 1/2 - 1/pi`` (``BN_GRAD_MEAN_WEIGHT``):
+    mean. So, with ``sigma_l^2 = avg_var_l`` and ``k = 2 (1/4 - 1/(2 pi)) = 1/2 - 1/pi``
+    (``BN_GRAD_MEAN_WEIGHT``):
 
         grad_sq_mean_l = grad_sq_mean_{l+1}
         grad_var_l = grad_var_{l+1} + alpha^2 (grad_var_{l+1} + k grad_sq_mean_{l+1}) / avg_var_l
