@@ -1,14 +1,7 @@
 """Metric sinks of a training run: ``metrics.jsonl``, TensorBoard event files, a progress bar.
 
-TensorBoard: ``flax.metrics.tensorboard`` and ``tensorboardX``/``torch`` writers need TensorFlow or
-extra packages, so :class:`EventWriter` writes the event file format itself: TFRecord framing
-(``uint64 length | masked crc32c(length) | Event proto | masked crc32c(data)``) around hand-encoded
-``Event{wall_time, step, summary{value{tag, simple_value}}}`` protocol buffers. TensorBoard reads
-these files like any other.
-
-References:
-  TensorFlow ``core/util/event.proto`` and ``core/framework/summary.proto``; TFRecord format
-  (tensorflow.org/tutorials/load_data/tfrecord); CRC-32C (Castagnoli), RFC 3720.
+TensorBoard: :class:`EventWriter` writes scalar event files with ``tensorboardX``, which needs
+neither TensorFlow nor PyTorch (``flax.metrics.tensorboard`` needs TensorFlow).
 """
 
 from __future__ import annotations
@@ -16,8 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import struct
 import sys
 import time
 from typing import Any
@@ -76,97 +67,33 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 # TensorBoard event files.
 
 
-def _crc32c_table() -> list[int]:
-  table = []
-  for i in range(256):
-    c = i
-    for _ in range(8):
-      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-    table.append(c)
-  return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli polynomial, reflected 0x82F63B78)."""
-  c = 0xFFFFFFFF
-  for b in data:
-    c = _CRC_TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
-  return c ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-  c = crc32c(data)
-  return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  while True:
-    b = n & 0x7F
-    n >>= 7
-    if n:
-      out.append(b | 0x80)
-    else:
-      out.append(b)
-      return bytes(out)
-
-
-def _field(number: int, wire_type: int) -> bytes:
-  return _varint((number << 3) | wire_type)
-
-
-def _bytes_field(number: int, payload: bytes) -> bytes:
-  return _field(number, 2) + _varint(len(payload)) + payload
-
-
-def encode_event(wall_time: float, step: int, *, scalars: dict[str, float] | None = None,
-                 file_version: str | None = None) -> bytes:
-  """Serializes a TensorFlow ``Event`` proto with scalar summaries (protobuf wire format)."""
-  out = _field(1, 1) + struct.pack('<d', wall_time) + _field(2, 0) + _varint(step)
-  if file_version is not None:
-    out += _bytes_field(3, file_version.encode())
-  if scalars:
-    summary = b''
-    for tag, value in scalars.items():
-      v = _bytes_field(1, tag.encode()) + _field(2, 5) + struct.pack('<f', value)
-      summary += _bytes_field(1, v)  # Summary.value (repeated Value).
-    out += _bytes_field(5, summary)  # Event.summary.
-  return out
-
-
-def tfrecord(data: bytes) -> bytes:
-  """Frames ``data`` as one TFRecord."""
-  header = struct.pack('<Q', len(data))
-  return header + struct.pack('<I', _masked_crc(header)) + data + struct.pack(
-      '<I', _masked_crc(data))
-
-
 class EventWriter:
-  """Writes scalar summaries to a TensorBoard event file in ``logdir``.
+  """Writes scalar summaries to a TensorBoard event file in ``logdir`` (tensorboardX).
+
+  ``tensorboardX`` writes the event-file format (TFRecord-framed ``Event`` protocol buffers)
+  without TensorFlow or PyTorch; view the files with ``tensorboard --logdir <workdir>/tensorboard``.
 
   Args:
     logdir: directory (created if needed).
   """
 
   def __init__(self, logdir: str):
+    from tensorboardX import SummaryWriter
+
     os.makedirs(logdir, exist_ok=True)
-    now = time.time()
-    name = f'events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}.jaxnorm'
-    self.path = os.path.join(logdir, name)
-    self._file = open(self.path, 'ab')  # noqa: SIM115 -- closed in close().
-    self._file.write(tfrecord(encode_event(now, 0, file_version='brain.Event:2')))
-    self._file.flush()
+    self.logdir = logdir
+    self._writer = SummaryWriter(logdir=logdir, flush_secs=10)
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
-    finite = {k: float(v) for k, v in values.items() if v is not None}
-    self._file.write(tfrecord(encode_event(time.time(), step, scalars=finite)))
-    self._file.flush()
+    """Writes ``values`` (``None`` entries skipped) at ``step`` and flushes."""
+    now = time.time()
+    for tag, value in values.items():
+      if value is not None:
+        self._writer.add_scalar(tag, float(value), global_step=step, walltime=now)
+    self._writer.flush()
 
   def close(self) -> None:
-    self._file.close()
+    self._writer.close()
 
 
 # ----------------------------------------------------------------------------------------------
