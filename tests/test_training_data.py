@@ -7,6 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jaxnorm.training import data
+from jaxnorm.training.data import sources
 
 # ----------------------------------------------------------------------------------------------
 # Embedded data sets.
@@ -23,7 +24,7 @@ def test_digits_has_a_fixed_disjoint_held_out_split():
   x_tr = train.source.images.reshape(len(train), -1)
   x_te = test.source.images.reshape(len(test), -1)
   scale = raw.images.reshape(len(raw.images), -1)
-  train_raw = scale[data._held_out_split(1797, 297, 'train')]
+  train_raw = scale[sources._held_out_split(1797, 297, 'train')]
   mean, std = train_raw.mean(), train_raw.std()
   recovered = np.concatenate([x_tr, x_te]) * std + mean
   assert np.allclose(np.sort(recovered.sum(1)), np.sort(scale.sum(1)), atol=1e-3)
@@ -192,8 +193,8 @@ def test_mock_cifar_normalization_matches_numpy():
   with tfds.testing.mock_data(num_examples=8):
     test = data.load_dataset('cifar10', 'test')
     raw = tfds.data_source('cifar10', split='test', download=False)
-    want = (raw[3]['image'] / 255.0 - np.array(data._CIFAR10_STATS[0])) / np.array(
-        data._CIFAR10_STATS[1])
+    want = (raw[3]['image'] / 255.0 - np.array(sources._CIFAR10_STATS[0])) / np.array(
+        sources._CIFAR10_STATS[1])
   got, label = test.get([3], np.random.default_rng(0), train=False)
   np.testing.assert_allclose(got[0], want, atol=1e-5)
   assert label[0] == raw[3]['label']
