@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from flax.typing import Dtype, Initializer
 
 from jaxnorm.functional._checks import check_in_range
-from jaxnorm.functional.batch_norm import batch_norm, normalize, resolve_dtypes, split_axes
+from jaxnorm.functional._layer_dtypes import resolve_dtypes, split_axes
+from jaxnorm.functional.batch_norm import batch_norm, normalize
 
 
 class BatchNorm(nn.Module):
