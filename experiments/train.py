@@ -47,27 +47,14 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This host.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _one_line(e: BaseException) -> str:
-  """The informative line of a flag-parsing error.
-
-  ml_collections reports an unknown ``--config.<field>`` as a ``KeyError`` / ``AttributeError``
-  whose text is the quoted field name and, on the next line, its "did you mean" suggestion.
-  """
-  if isinstance(e, (KeyError, AttributeError)):
-    text = str(e).replace('\\n', '\n').replace("\\'", "'")
-    lines = [line.strip().strip('"\'') for line in text.splitlines() if line.strip()]
-    if lines:
-      return ' '.join([f'unknown config field {lines[0]!r}.', *lines[1:]])
-  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-  return lines[-1] if lines else repr(e)
-
-
 def parse_flags(argv):
   """Parses flags; a bad flag, config file or config field exits with one line, not a traceback."""
   try:
     return flags.FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-    print(f'error: {_one_line(e)}', file=sys.stderr)
+    from jaxnorm.training.config import flag_error_line
+
+    print(f'error: {flag_error_line(e)}', file=sys.stderr)
     sys.exit(1)
 
 

@@ -214,3 +214,30 @@ def test_bad_arguments_fail_fast():
     theory.residual_skip_moments(3, norm='layer_norm')
   with pytest.raises(ValueError, match='num_matrices'):
     theory.gaussian_product_max_singular_value(0)
+
+
+def test_predicted_block_curves_follow_the_model_keywords():
+  from jaxnorm.diagnostics.theory import predicted_block_curves, residual_skip_moments
+
+  rng = np.random.default_rng(0)
+  n = 12
+  var, sq = 1.0 + rng.random(n + 1), 0.1 * rng.random(n + 1)
+  gvar, gsq = 1e-3 * (1 + rng.random(n + 1)), 1e-4 * rng.random(n + 1)
+  ref = residual_skip_moments(n, norm='none', alpha=1 / math.sqrt(n), var0=var[0],
+                              sq_mean0=sq[0])['avg_var']
+  got = predicted_block_curves(var, sq, gvar, gsq, (n,), norm='none', skip_init='inv_sqrt_depth')
+  np.testing.assert_allclose(got['avg_var'], ref, rtol=1e-12)
+  assert got['grad_var'] is not None and got['grad_var'][-1] == pytest.approx(gvar[-1])
+  flat = predicted_block_curves(var, sq, gvar, gsq, (n,), norm='none', skip_init=0.0)
+  np.testing.assert_allclose(flat['avg_var'], var[0])  # SkipInit(0): every block is the identity
+  bgn = predicted_block_curves(var, sq, gvar, gsq, (n,), norm='none', bgn='block')
+  np.testing.assert_allclose(bgn['avg_var'], residual_skip_moments(
+      n, norm='none', var0=var[0], sq_mean0=sq[0])['avg_var'], rtol=1e-12)
+  assert bgn['grad_var'] is None  # BGN rescales the gradient by design.
+  assert predicted_block_curves(var, sq, gvar, gsq, (n,), norm='pws')['avg_var'] is None
+  # Two stages: the second runs from the measured first block of the stage.
+  two = predicted_block_curves(var, sq, gvar, gsq, (6, 6), norm='batch_norm')
+  second = residual_skip_moments(5, norm='batch_norm', var0=var[7], sq_mean0=sq[7])['avg_var']
+  np.testing.assert_allclose(two['avg_var'][7:], second, rtol=1e-12)
+  with pytest.raises(ValueError, match='avg_var'):
+    predicted_block_curves(var[:-1], sq, gvar, gsq, (n,), norm='none')

@@ -1,4 +1,4 @@
-"""The `make demo` launcher: flag validation (one line, non-zero exit) and a fast end-to-end run."""
+"""The `make demo` launcher: config validation (one line, exit 2) and a fast end-to-end run."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'experiments', 'signal_propagation.py')
+SMALL = '--config=' + os.path.join(ROOT, 'experiments', 'configs', 'signal_propagation.py:small')
 
 
 def _run(*args, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', MPLBACKEND='Agg')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', MPLBACKEND='Agg', PYTHONPATH=ROOT)
   env['XLA_FLAGS'] = '--xla_backend_optimization_level=0'  # one device; see conftest.py
   return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
                         timeout=timeout, env=env, cwd=ROOT)
@@ -22,14 +23,15 @@ def _run(*args, timeout=600):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('args,needle', [
-  (['--norms=batch_norm,layer_norm'], "unknown normalization 'layer_norm'"),
-  (['--mlp_depth=-3'], '--mlp_depth'),
-  (['--resnet_blocks=-1'], '--resnet_blocks'),
-  (['--dataset=imagenet'], '--dataset'),
+  (['--config.norms=batch_norm,layer_norm'], "unknown normalization 'layer_norm'"),
+  (['--config.mlp.depth=-3'], '--config.mlp.depth'),
+  (['--config.resnet.blocks=-1'], '--config.resnet.blocks'),
+  (['--config.dataset=imagenet'], '--config.dataset'),
+  (['--config.mlp.dpth=3'], 'Did you mean "depth"'),
 ])
-def test_bad_flags_exit_with_one_line_error(args, needle, tmp_path):
-  proc = _run(*args, f'--output_dir={tmp_path}', timeout=120)
-  assert proc.returncode != 0
+def test_bad_config_exits_with_one_line_error(args, needle, tmp_path):
+  proc = _run(*args, f'--config.output_dir={tmp_path}', timeout=120)
+  assert proc.returncode == 2
   lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
   assert len(lines) == 1 and needle in lines[0], proc.stderr
   assert 'Traceback' not in proc.stderr
@@ -38,8 +40,8 @@ def test_bad_flags_exit_with_one_line_error(args, needle, tmp_path):
 
 @pytest.mark.slow
 def test_small_run_writes_both_figures_and_the_json_report(tmp_path):
-  proc = _run('--small', '--norms=batch_norm,none,skip_init_0,scaled_ws', '--models=resnet,mlp',
-              f'--output_dir={tmp_path}')
+  proc = _run(SMALL, '--config.norms=batch_norm,none,skip_init_0,scaled_ws',
+              '--config.models=resnet,mlp', f'--config.output_dir={tmp_path}')
   assert proc.returncode == 0, proc.stderr[-2000:]
   for name in ('forward.png', 'backward.png'):
     with open(tmp_path / name, 'rb') as f:

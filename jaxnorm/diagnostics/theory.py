@@ -364,3 +364,64 @@ def pws_gain_per_layer(fan_ins, gamma: float, *, equiv: bool = False) -> np.ndar
   sigma2 = 2.0 / fans
   g = gamma * 2.0 / fans if equiv else gamma
   return pws_filter_sum_of_squares(sigma2, g)
+
+
+def predicted_block_curves(avg_var, avg_sq_mean, grad_var, grad_sq_mean,
+                           stages, *, norm: str, skip_init=None, bgn: str = 'none') -> dict:
+  """The theory lines drawn beside a measured per-block report, or None where none applies.
+
+  The measured series are per tap, index 0 the stem and index ``l + 1`` the skip path after block
+  ``l`` (``SignalReport.series``), of a residual network with ``stages`` blocks per stage, built
+  with the model keywords ``norm``, ``skip_init`` and ``bgn`` of ``jaxnorm.models``.
+
+  Forward (``avg_var``): within each stage, :func:`residual_skip_moments` runs from the measured
+  skip-path moments at the stage's first tap (a stage transition changes the width and resets the
+  statistics), with ``alpha`` the SkipInit gain (``1 / sqrt(total blocks)`` for
+  ``'inv_sqrt_depth'``, 1 without SkipInit). ``norm='scaled_ws'`` (NF-ResNets) uses
+  :func:`nf_expected_variance`. BGN nodes are the identity forward: the ``norm`` line applies.
+  Backward (``grad_var``): :func:`gradient_variance_recurrence` from the measured gradient at the
+  last tap, on the predicted (or, where undefined, measured) forward variance; none for BGN,
+  which rescales the gradient by design, and none for NF-ResNets.
+
+  Args:
+    avg_var, avg_sq_mean, grad_var, grad_sq_mean: measured series, length ``sum(stages) + 1``.
+    stages: blocks per stage.
+    norm: the model's ``norm`` (``'batch_norm'``, ``'none'``, ``'scaled_ws'``; others: None).
+    skip_init: the model's ``skip_init`` (None, a float or ``'inv_sqrt_depth'``).
+    bgn: the model's ``bgn`` placement.
+
+  Returns:
+    ``{'avg_var': array or None, 'grad_var': array or None}``, each of the series' length.
+  """
+  avg_var, avg_sq_mean = np.asarray(avg_var, np.float64), np.asarray(avg_sq_mean, np.float64)
+  total = sum(stages)
+  if avg_var.shape != (total + 1,):
+    fail(_LAYER, 'avg_var', f'a series of length sum(stages) + 1 = {total + 1}',
+         f'length {avg_var.shape}')
+  if skip_init is None:
+    alpha = 1.0
+  elif skip_init == 'inv_sqrt_depth':
+    alpha = 1.0 / math.sqrt(total)
+  else:
+    alpha = float(skip_init)
+  if norm == 'scaled_ws':
+    fwd = np.concatenate([[np.nan]] + [nf_expected_variance(n) for n in stages])
+    return {'avg_var': fwd, 'grad_var': None}
+  if norm not in RESIDUAL_NORMS:
+    return {'avg_var': None, 'grad_var': None}
+  fwd, start = [avg_var[0]], 1
+  for si, n in enumerate(stages):
+    # First stage: run from the stem; later stages: from the measured first block of the stage.
+    v0, s0, k = ((avg_var[0], avg_sq_mean[0], n) if si == 0
+                 else (avg_var[start], avg_sq_mean[start], n - 1))
+    pred = residual_skip_moments(k, norm=norm, alpha=alpha, var0=v0, sq_mean0=s0)
+    fwd.extend(pred['avg_var'][1:] if si == 0 else pred['avg_var'])
+    start += n
+  fwd = np.asarray(fwd)
+  if bgn != 'none':
+    return {'avg_var': fwd, 'grad_var': None}
+  g = gradient_variance_recurrence(
+      np.where(np.isfinite(fwd), fwd, avg_var), norm=norm, alpha=alpha,
+      grad_var_out=float(np.asarray(grad_var)[-1]),
+      grad_sq_mean_out=float(np.asarray(grad_sq_mean)[-1]))
+  return {'avg_var': fwd, 'grad_var': g['grad_var']}

@@ -278,3 +278,24 @@ def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None
       if _get(c, field) % num_devices:
         raise ConfigError(field, f'a multiple of the number of devices ({num_devices})',
                           _get(c, field))
+
+
+def flag_error_line(e: BaseException) -> str:
+  """One line describing an error raised while parsing absl / ml_collections config flags.
+
+  ml_collections reports an unknown ``--config.<field>`` as a ``KeyError`` / ``AttributeError``
+  whose text is the quoted field name and, on the next line, its "did you mean" suggestion; an
+  error inside a config file's ``get_config`` arrives as a flag error holding a whole traceback,
+  whose last line is the message. Launchers print this line instead of a traceback.
+  """
+  if isinstance(e, (KeyError, AttributeError)):
+    text = str(e).replace('\\n', '\n').replace("\\'", "'")
+    lines = [line.strip().strip('"\'') for line in text.splitlines() if line.strip()]
+    if lines:
+      return ' '.join([f'unknown config field {lines[0]!r}.', *lines[1:]])
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  if not lines:
+    return repr(e)
+  if len(lines) > 1 and lines[0].startswith('flag --config') and 'Traceback' in lines[0]:
+    return f'{lines[0].split(":", 1)[0]}: {lines[-1]}'
+  return lines[-1]
