@@ -218,11 +218,18 @@ def test_a_second_call_on_an_equal_model_reuses_the_compiled_pass():
   np.testing.assert_array_equal(again.series('grad_var'), rep.series('grad_var'))
 
 
-def test_uninstrumented_model_and_bad_labels_fail_fast():
-  x = jnp.ones((4, 2))
+def test_uninstrumented_model_gets_the_module_view_and_bad_labels_fail_fast():
+  x = jax.random.normal(jax.random.key(0), (4, 2))
   plain = _Plain()
+  variables = plain.init(jax.random.key(0), x)
+  # No taps: the module view (every submodule's output), unless switched off.
+  rep = signal_propagation(plain, variables, x)
+  assert [m.path for m in rep.modules] == ['Dense_0'] and not rep.blocks and rep.stem is None
+  p = variables['params']['Dense_0']
+  y = np.asarray(x) @ np.asarray(p['kernel']) + np.asarray(p['bias'])
+  assert rep.modules[0].avg_var == pytest.approx(_np_channel_stats(y)[1], rel=1e-5)
   with pytest.raises(ValueError, match='perturb'):
-    signal_propagation(plain, plain.init(jax.random.key(0), x), x)
+    signal_propagation(plain, variables, x, modules=False)
   model, variables, x, _ = _report(2)
   with pytest.raises(ValueError, match='labels'):
     signal_propagation(model, variables, x, jnp.zeros((3,), jnp.int32))

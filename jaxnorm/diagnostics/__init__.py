@@ -1,16 +1,19 @@
-"""Diagnostics: how signal and gradient propagate through any jaxnorm model, beside theory.
+"""Diagnostics: how signal and gradient propagate through any Flax model, beside theory.
 
-- ``signal_propagation``: per-block forward SPPs and backward gradient statistics in one pass.
+- ``signal_propagation``: forward SPPs and backward gradient statistics in one pass: per block for
+  jaxnorm's models, per module call for any linen or NNX model, unmodified (``module_taps``).
 - ``theory``: closed-form predictions (De & Smith, NF-ResNets, Panigrahi, Bjorck, PWS).
 - ``sweeps``: relative-loss sweeps, channel statistics by depth, logit-gradient maps (Bjorck).
 - ``spectra``: singular values of random-matrix products and of layer Jacobians (Bjorck).
 - ``weights``: the PWS "shift" statistic of a kernel.
 - ``plots``: per-block figures, one line per normalization, theory dashed.
 
-References: papers.md §0-§5b.
+References: Brock, De & Smith (2021), "Characterizing signal propagation to close the performance
+gap in unnormalized ResNets", arXiv:2101.08692; the modules' docstrings cite the others.
 """
 
 from jaxnorm.diagnostics import theory as theory
+from jaxnorm.diagnostics.signal_propagation import ModuleStats as ModuleStats
 from jaxnorm.diagnostics.signal_propagation import SignalReport as SignalReport
 from jaxnorm.diagnostics.signal_propagation import TapStats as TapStats
 from jaxnorm.diagnostics.signal_propagation import signal_propagation as signal_propagation
