@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxnorm.functional.conv import conv, resolve_padding
+from jaxnorm.functional.conv import _dimension_numbers, conv, resolve_padding
 
 
 def numpy_conv(x, w, strides, pads, dilation=(1, 1)):
@@ -78,6 +78,58 @@ def test_custom_backward_equals_autodiff_float64(s, padding, dilation):
                                            kernel_dilation=dilation)
     assert got[0].dtype == jnp.float64 and got[1].dtype == jnp.float64
     chex.assert_trees_all_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def numpy_grouped_conv(x, w, strides, pads, dilation, groups):
+  """Grouped conv as ``groups`` independent numpy convs over channel slices, concatenated."""
+  ci, co = w.shape[-2], w.shape[-1] // groups
+  return np.concatenate([
+      numpy_conv(x[..., g * ci:(g + 1) * ci], w[..., g * co:(g + 1) * co], strides, pads, dilation)
+      for g in range(groups)], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=('kw',))
+def _grouped_forward_and_both_grads(x, w, kw):
+  kw = dict(kw)
+  return conv(x, w, **kw), _grads(x, w, True, **kw), _grads(x, w, False, **kw)
+
+
+# (x shape, kernel shape, groups, strides, padding, input dilation, kernel dilation): groups 1, 2
+# and depthwise (G = Cin, channel multiplier 2), negative (cropping) pads, 1-D and 3-D.
+GROUPED = [
+    ((2, 9, 8, 6), (3, 3, 3, 4), 2, 2, 'SAME', 1, 1),
+    ((2, 9, 8, 6), (3, 2, 3, 6), 2, 1, ((2, 1), (0, 3)), 2, 2),
+    ((2, 9, 8, 6), (3, 3, 1, 12), 6, 2, 'VALID', 1, 2),
+    ((2, 9, 8, 6), (3, 3, 1, 6), 6, 3, ((5, -1), (-1, 4)), 2, 1),
+    ((2, 9, 8, 3), (2, 3, 3, 4), 1, 2, ((1, 2), (3, 0)), 3, 1),
+    ((2, 7, 8, 6), (3, 2, 2, 9), 3, 1, 'CIRCULAR', 1, 2),
+    ((2, 11, 4), (3, 1, 8), 4, 2, 'CAUSAL', 1, 2),
+    ((2, 5, 4, 6, 4), (3, 2, 3, 2, 4), 2, (2, 1, 2), 'SAME', 1, 1),
+]
+
+
+@pytest.mark.parametrize('xs,ws,groups,s,padding,a,d', GROUPED)
+def test_grouped_dilated_custom_backward_equals_autodiff_float64(xs, ws, groups, s, padding, a, d):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(len(xs) * 10 + groups)
+    x = jnp.asarray(rng.normal(size=xs))
+    w = jnp.asarray(rng.normal(size=ws))
+    kw = (('strides', s), ('padding', padding), ('input_dilation', a), ('kernel_dilation', d),
+          ('feature_group_count', groups))
+    y, got, want = _grouped_forward_and_both_grads(x, w, kw)
+    assert y.dtype == got[0].dtype == got[1].dtype == jnp.float64
+    n = x.ndim - 2
+    if padding not in ('CIRCULAR', 'CAUSAL'):  # those pad x itself first
+      ref = lax.conv_general_dilated(
+          x, w, (s,) * n if isinstance(s, int) else s, padding, lhs_dilation=(a,) * n,
+          rhs_dilation=(d,) * n, dimension_numbers=_dimension_numbers(n),
+          feature_group_count=groups)
+      np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+    if n == 2 and a == 1 and not isinstance(padding, str):  # an independent numpy reference
+      np.testing.assert_allclose(
+          y, numpy_grouped_conv(np.asarray(x), np.asarray(w), (s, s), padding, (d, d), groups),
+          rtol=1e-10, atol=1e-10)
+  chex.assert_trees_all_close(got, want, atol=1e-10, rtol=1e-10)
 
 
 def test_one_and_three_spatial_axes():
@@ -176,7 +228,10 @@ def test_hessian_and_reverse_over_reverse_equal_autodiff():
 
 
 @pytest.mark.parametrize('kwargs,match', [
-    (dict(feature_group_count=2), 'feature_group_count'),
+    (dict(feature_group_count=3), 'feature_group_count'),  # 2 input channels: not a divisor
+    (dict(feature_group_count=0), 'feature_group_count'),
+    (dict(input_dilation=2), 'padding'),  # string padding with input dilation (as flax / lax)
+    (dict(padding='CAUSAL'), 'padding'),  # 1-D only (as flax)
     (dict(padding='FULL'), 'padding'),
     (dict(strides=0), 'strides'),
     (dict(padding=((1, 1),)), 'padding'),
@@ -197,18 +252,20 @@ def test_bad_inputs_raise():
     conv(jnp.ones((1, 2, 2, 2)), jnp.ones((3, 3, 2, 2)), padding='VALID')
 
 
-@pytest.mark.parametrize('s', [1, 2])
-def test_kernel_gradient_summed_over_batch_chunks_equals_autodiff_float64(s):
-  # Batch 64 >= KERNEL_GRAD_MIN_BATCH: the kernel gradient runs as a scan over 8 chunks of 8.
+@pytest.mark.parametrize('s,groups', [(1, 1), (2, 3)])
+def test_kernel_gradient_summed_over_batch_chunks_equals_autodiff_float64(s, groups):
+  # Batch 64 >= KERNEL_GRAD_MIN_BATCH: the kernel gradient runs as a scan over 8 chunks of 8
+  # (also for a depthwise conv: 3 channels, 3 groups).
   from jaxnorm.functional import conv as conv_module
 
   assert conv_module.KERNEL_GRAD_BATCH_CHUNK == 8 and conv_module.KERNEL_GRAD_MIN_BATCH <= 64
   with jax.enable_x64(True):
     rng = np.random.default_rng(s)
     x = jnp.asarray(rng.normal(size=(64, 7, 6, 3)))
-    w = jnp.asarray(rng.normal(size=(3, 3, 3, 5)))
-    _, got, want = _forward_and_both_grads(x, w, strides=s, padding='SAME')
-    hlo = jax.jit(lambda x, w: _grads(x, w, True, strides=s)).lower(x, w).as_text()
+    w = jnp.asarray(rng.normal(size=(3, 3, 3 // groups, 6)))
+    kw = (('strides', s), ('padding', 'SAME'), ('feature_group_count', groups))
+    _, got, want = _grouped_forward_and_both_grads(x, w, kw)
+    hlo = jax.jit(lambda x, w: _grads(x, w, True, **dict(kw))).lower(x, w).as_text()
     assert 'while' in hlo  # the chunked path was taken
     chex.assert_trees_all_close(got, want, atol=1e-12, rtol=1e-12)
 
@@ -224,29 +281,33 @@ def test_kernel_gradient_chunks_of_bfloat16_round_once():
   dw_of = lambda w: jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
   dw = jax.jit(dw_of)(jnp.zeros((3, 3, 4, 2), jnp.bfloat16))
   want = conv_module._kernel_grad_conv(
-    x.astype(jnp.float32), g.astype(jnp.float32), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), None,
-    conv_module._dimension_numbers(2))
+    x.astype(jnp.float32), g.astype(jnp.float32), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1),
+    (1, 1), 1, None, conv_module._dimension_numbers(2))
   assert dw.dtype == jnp.bfloat16
   np.testing.assert_allclose(dw.astype(jnp.float32), want, rtol=2**-8, atol=1e-6)
 
 
-@pytest.mark.parametrize('strides, padding, dilation', [(1, 'SAME', 1), (2, 'VALID', 1),
-                                                        (1, ((2, 0), (1, 1)), 2)])
-def test_second_derivatives_equal_autodiff_float64(strides, padding, dilation):
+@pytest.mark.parametrize('strides, padding, dilation, input_dilation, groups', [
+    (1, 'SAME', 1, 1, 1), (2, 'VALID', 1, 1, 1), (1, ((2, 0), (1, 1)), 2, 1, 1),
+    (2, ((1, 2), (0, 1)), 1, 2, 2), (1, ((2, 1), (1, 1)), 2, 1, 4)])
+def test_second_derivatives_equal_autodiff_float64(strides, padding, dilation, input_dilation,
+                                                   groups):
   # Upstream parameter u -> x = tanh(u * x0) -> conv(x, w) -> sin: Hessians w.r.t. (u, x0, w)
   # (forward over reverse), grad of a gradient norm (reverse over reverse) and jacrev(grad).
+  # Groups 1, 2 and depthwise (4 channels, 4 groups), with input dilation.
+  cin, cout = (3, 2) if groups == 1 else (4, 4)
+  kw = dict(strides=strides, padding=padding, kernel_dilation=dilation,
+            input_dilation=input_dilation, feature_group_count=groups)
   with jax.enable_x64(True):
     rng = np.random.default_rng(16)
-    x0 = jnp.asarray(rng.normal(size=(2, 6, 5, 3)))
-    w = jnp.asarray(rng.normal(size=(3, 3, 3, 2)) / 3.0)
-    u = jnp.asarray(rng.normal(size=(3,)))
-    cot = jnp.asarray(rng.normal(size=conv(x0, w, strides=strides, padding=padding,
-                                           kernel_dilation=dilation).shape))
+    x0 = jnp.asarray(rng.normal(size=(2, 6, 5, cin)))
+    w = jnp.asarray(rng.normal(size=(3, 3, cin // groups, cout)) / 3.0)
+    u = jnp.asarray(rng.normal(size=(cin,)))
+    cot = jnp.asarray(rng.normal(size=conv(x0, w, **kw).shape))
 
     def loss(cb):
       def f(u, x0, w):
-        y = conv(jnp.tanh(u * x0), w, strides=strides, padding=padding,
-                 kernel_dilation=dilation, custom_backward=cb)
+        y = conv(jnp.tanh(u * x0), w, custom_backward=cb, **kw)
         return jnp.sum(jnp.sin(y) * cot)
       return f
 

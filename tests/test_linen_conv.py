@@ -47,10 +47,18 @@ def test_conv_equals_flax_conv_outputs_params_and_grads(kwargs, custom_backward)
                               _loss_and_grads(ref, variables, x), rtol=1e-5, atol=1e-5)
 
 
-def test_conv_int_kernel_size_is_square_and_unbatched_input_works():
+def test_conv_int_kernel_size_is_1d_like_flax_and_unbatched_input_works():
+  # flax's rule (was: square over every spatial axis): an int k is the 1-D kernel (k,), so a
+  # rank-4 input is a (N, H) batch of W-long rows, exactly as flax.linen.Conv reads it.
   x = _x((2, 6, 6, 2))
   variables = Conv(features=3, kernel_size=3).init(jax.random.key(0), x)
-  assert variables['params']['kernel'].shape == (3, 3, 2, 3)
+  assert variables['params']['kernel'].shape == (3, 2, 3)
+  ref = nn.Conv(features=3, kernel_size=3)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
+      jnp.shape, ref.init(jax.random.key(0), x))
+  np.testing.assert_allclose(Conv(3, 3).apply(variables, x), ref.apply(variables, x),
+                             rtol=1e-6, atol=1e-6)
+  variables = Conv(features=3, kernel_size=(3, 3)).init(jax.random.key(0), x)
   layer = Conv(features=3, kernel_size=(3, 3))
   np.testing.assert_allclose(layer.apply(variables, x[0]), layer.apply(variables, x)[0],
                              rtol=1e-6)
@@ -99,7 +107,7 @@ def test_conv_under_nn_scan_and_remat_equals_autodiff():
 # ----------------------------------------------------------------------------------------------
 
 def _ref_standardize(w, kind, layer):
-  """float64 numpy standardization per output channel (papers.md §5(a), §5b)."""
+  """float64 numpy WS / Scaled WS / PWS per output channel (Qiao 2019, Brock 2021, Liu 2021)."""
   w = np.asarray(w, np.float64)
   flat = w.reshape(-1, w.shape[-1])
   n, cout = flat.shape

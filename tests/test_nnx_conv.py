@@ -62,10 +62,12 @@ def test_same_params_give_same_outputs_and_gradients_as_linen(name, nnx_kwargs, 
     ('Conv', {'kernel', 'bias'}), ('WSConv', {'kernel', 'bias'}),
     ('ScaledWSConv', {'kernel', 'bias', 'gain'}), ('PWSConv', {'kernel', 'bias', 'alpha'})])
 def test_parameters_and_initial_values_match_linen_layout(name, param_names):
-  mod = getattr(jn, name)(64, 32, 3, rngs=nnx.Rngs(0))
+  mod = getattr(jn, name)(64, 32, (3, 3), rngs=nnx.Rngs(0))
   p = _param_dict(mod)
   assert set(p) == param_names
   assert p['kernel'].shape == (3, 3, 64, 32)
+  # An int kernel_size is flax.nnx.Conv's 1-D (k,) (it was (k, k) before).
+  assert getattr(jn, name)(4, 2, 3, rngs=nnx.Rngs(0)).kernel.shape == (3, 4, 2)
   np.testing.assert_array_equal(p['bias'], np.zeros(32))
   for k in ('gain', 'alpha'):
     if k in p:
@@ -104,10 +106,17 @@ def test_bad_arguments_raise():
     jn.WSConv(2, 2, 3, method='pws', rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='mode'):
     jn.PWSConv(2, 2, 3, mode='fan_avg', rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match='use_bias'):
-    jn.ScaledWSConv(2, 2, 3, use_bias=False, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='rank'):
-    jn.Conv(2, 2, 3, rngs=nnx.Rngs(0))(jnp.ones((1, 1, 4, 4, 2)))
+    jn.Conv(2, 2, (3, 3), rngs=nnx.Rngs(0))(jnp.ones((4, 2)))
+  with pytest.raises(ValueError, match=r'Conv: argument `inputs` expected 2 channels'):
+    jn.Conv(2, 2, (3, 3), rngs=nnx.Rngs(0))(jnp.ones((1, 4, 4, 3)))
+  with pytest.raises(ValueError, match=r'PWSConv: argument `feature_group_count` expected a '
+                     r'divisor of in_features 6, got 4\.'):
+    jn.PWSConv(6, 8, (3, 3), feature_group_count=4, rngs=nnx.Rngs(0))
+  # use_bias (rejected by ScaledWSConv / PWSConv before) is accepted and removes the bias.
+  for name in ('WSConv', 'ScaledWSConv', 'PWSConv'):
+    mod = getattr(jn, name)(2, 2, (3, 3), use_bias=False, rngs=nnx.Rngs(0))
+    assert mod.bias is None and 'bias' not in _param_dict(mod)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,26 +1,36 @@
 """Convolution whose backward pass is written as canonical forward convolutions.
 
 ``conv(x, kernel, ...)`` computes the same function as ``lax.conv_general_dilated`` with
-channels-last inputs (``NHWC``, or ``NWC`` / ``NDHWC``) and ``HWIO`` kernels. Its backward pass is a
-``jax.custom_vjp`` made of two *forward* convolutions in the canonical ``NHWC`` / ``HWIO`` layout:
+channels-last inputs (``NHWC``, or ``NWC`` / ``NDHWC``) and ``HWIO`` kernels, with strides, every
+padding form of ``flax.linen.Conv``, input and kernel dilation and feature groups. Its backward
+pass is a ``jax.custom_vjp`` made of two *forward* convolutions in the canonical ``NHWC`` /
+``HWIO`` layout. Per spatial axis (input size ``n``, kernel size ``k``, stride ``s``, input
+dilation ``a``, kernel dilation ``d``, ``k_eff = (k - 1) * d + 1``, padding ``(lo, hi)``, output
+size ``out``; ``G`` groups of ``Ci = Cin / G`` input and ``Co = Cout / G`` output channels):
 
-- input gradient: ``dx = conv(dilate(g, strides), flip(w) with I and O swapped)``, i.e. a stride-1
-  convolution of the output gradient ``g`` (``lhs_dilation = strides``,
-  ``rhs_dilation = kernel_dilation``) with the spatially flipped kernel, padded by
-  ``(k_eff - 1 - lo, in + lo - (out - 1) * s - 1)`` per spatial axis;
+- input gradient: ``dx[i] = sum_k dilate(g, s)[a*i + lo - k*d] w[k]``, i.e. a forward conv of the
+  output gradient ``g`` (``lhs_dilation = s``, ``window_strides = a``, ``rhs_dilation = d``) with
+  the spatially flipped kernel, whose ``(Ci, Co)`` block of each group is transposed (the kernel
+  ``(*K, Ci, G*Co)`` becomes ``(*K, Co, G*Ci)``, still ``G`` groups), padded by
+  ``(k_eff - 1 - lo, (n - 1) * a + lo - (out - 1) * s)`` (negative entries crop);
 - kernel gradient: ``dw[k, i, o] = sum_{n, p} x_pad[n, p*s + k*d, i] * g[n, p, o]``, i.e. a
-  convolution whose "batch" is the input channels of ``x`` (``x`` transposed to ``(Cin, H, W, N)``),
-  whose "input features" are the batch (``g`` transposed to ``(Ho, Wo, N, Cout)`` as an ``HWIO``
-  kernel), with ``window_strides = kernel_dilation`` and ``rhs_dilation = strides``. On XLA:CPU,
-  for batches of 64 and more, it is summed over chunks of 8 examples in a ``lax.scan``
-  (``KERNEL_GRAD_BATCH_CHUNK``): the same sum in another order, 2-3x faster there.
+  grouped forward conv whose "batch" is the ``Ci`` input channels of a group (``x`` transposed to
+  ``(Ci, *S, G*N)``), whose "input features" are the batch of each group (``g`` transposed to
+  ``(*So, N, Cout)`` as an ``HWIO`` kernel), with ``window_strides = d``, ``lhs_dilation = a``,
+  ``rhs_dilation = s`` and ``feature_group_count = G``. On XLA:CPU, for batches of 64 and more,
+  it is summed over chunks of 8 examples in a ``lax.scan`` (``KERNEL_GRAD_BATCH_CHUNK``): the same
+  sum in another order, 2-3x faster there.
+
+Every combination of strides, padding, dilations and groups takes this backward (none falls back
+to autodiff); it equals autodiff to float64 rounding, second derivatives included (tested for
+``G = 1``, ``2`` and depthwise).
 
 Why: JAX's own transpose rules express both gradients through ``dimension_numbers`` (no transposes).
 Inside a ``lax.scan`` / ``nn.scan`` loop body XLA:CPU then keeps those convolutions in
 non-canonical layouts and runs them on a slow path, 10x (input gradient) to 130x (kernel
 gradient) slower than the same convolutions unrolled. With explicit transposes to canonical
-layouts the loop body runs at close to the unrolled speed (measured numbers: BENCHMARKS.md /
-ECOSYSTEM.md "Depth: scan vs unrolled"). The gradients are the same function as autodiff's.
+layouts the loop body runs at close to the unrolled speed (measured numbers: BENCHMARKS.md). The
+gradients are the same function as autodiff's.
 
 What the custom VJP rules out: forward-mode AD (``jax.jvp``, ``jax.jacfwd``, evaluating
 ``jax.linearize``) raises "can't apply forward-mode autodiff (jvp) to a custom_vjp function".
@@ -30,14 +40,15 @@ VJP's own ops, which are ordinary convolutions), ``vmap``, ``lax.scan`` and ``ja
 work (tested).
 
 References:
-  Layout finding: jaxnorm ECOSYSTEM.md, "Depth: scan vs unrolled (XLA:CPU)"; the padding algebra is
-  the standard transpose of a strided, padded, dilated convolution (as in JAX's
-  ``_conv_general_vjp_lhs_padding`` / ``_conv_general_vjp_rhs_padding``).
+  Dumoulin and Visin (2016), "A guide to convolution arithmetic for deep learning",
+  arXiv:1603.07285 (the padding algebra of the transpose of a strided, padded, dilated
+  convolution; JAX's ``_conv_general_vjp_lhs_padding`` / ``_conv_general_vjp_rhs_padding`` do the
+  same). The XLA:CPU layout measurements are in BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -86,9 +97,10 @@ def resolve_padding(
 
   Args:
     padding: ``'SAME'`` (output size ``ceil(in / stride)``, the extra pad element at the end, as in
-      ``lax``/TensorFlow), ``'VALID'`` (no padding), an int (the same pad on both sides of every
-      axis), a sequence of ints (per axis, both sides) or a sequence of ``(lo, hi)`` pairs.
-      (``'CIRCULAR'`` / ``'REFLECT'`` are handled by ``conv`` itself, before this is called.)
+      ``lax``/TensorFlow), ``'SAME_LOWER'`` (the same, the extra element at the start),
+      ``'VALID'`` (no padding), an int (the same pad on both sides of every axis), a sequence of
+      ints (per axis, both sides) or a sequence of ``(lo, hi)`` pairs. (``'CIRCULAR'``,
+      ``'REFLECT'`` and ``'CAUSAL'`` are handled by ``conv`` itself, before this is called.)
     in_shape: spatial sizes of the input.
     kernel_shape: spatial sizes of the kernel.
     strides: window strides per spatial axis.
@@ -103,16 +115,17 @@ def resolve_padding(
     mode = padding.upper()
     if mode == 'VALID':
       return ((0, 0),) * n
-    if mode == 'SAME':
+    if mode in ('SAME', 'SAME_LOWER'):
       pads = []
       for size, k, s, d in zip(in_shape, kernel_shape, strides, kernel_dilation, strict=True):
         k_eff = (k - 1) * d + 1
         out = -(-size // s)
         total = max((out - 1) * s + k_eff - size, 0)
-        pads.append((total // 2, total - total // 2))
+        small, large = total // 2, total - total // 2
+        pads.append((small, large) if mode == 'SAME' else (large, small))
       return tuple(pads)
-    fail(layer, 'padding', "'SAME', 'VALID', 'CIRCULAR', 'REFLECT', an int or a sequence of "
-         '(lo, hi) pairs', repr(padding))
+    fail(layer, 'padding', "'SAME', 'SAME_LOWER', 'VALID', 'CIRCULAR', 'REFLECT', 'CAUSAL', an "
+         'int or a sequence of ints or (lo, hi) pairs', repr(padding))
   if isinstance(padding, int | np.integer):
     return ((int(padding), int(padding)),) * n
   padding = tuple(padding)
@@ -129,51 +142,77 @@ def resolve_padding(
   return tuple(pairs)
 
 
-def _forward(x, w, strides, pads, dilation, precision, dn):
+def _forward(x, w, strides, pads, lhs_dilation, dilation, groups, precision, dn):
   return lax.conv_general_dilated(
-      x, w, window_strides=strides, padding=pads, rhs_dilation=dilation,
-      dimension_numbers=dn, precision=precision)
+      x, w, window_strides=strides, padding=pads, lhs_dilation=lhs_dilation,
+      rhs_dilation=dilation, dimension_numbers=dn, feature_group_count=groups,
+      precision=precision)
 
 
-def _input_grad(g, w, x_spatial, strides, pads, dilation, precision, dn):
-  """dx = stride-1 conv of dilate(g, strides) with flip(w) (I and O swapped), canonical layouts."""
+def _input_grad(g, w, x_spatial, strides, pads, lhs_dilation, dilation, groups, precision, dn):
+  """dx: a conv of dilate(g, strides) with flip(w), (I, O) swapped per group, canonical layouts.
+
+  Per spatial axis (input size ``n``, input dilation ``a``, output size ``out``), ``dx[i] =
+  sum_k gd[a*i + lo - k*d] w[k]`` with ``gd`` the output gradient dilated by the strides. With the
+  flipped kernel that is a forward conv of ``g`` with ``lhs_dilation = strides``,
+  ``window_strides = a``, ``rhs_dilation = d``, padded by ``(k_eff - 1 - lo,
+  (n - 1) * a + lo - (out - 1) * s)`` (negative entries crop). With ``G`` groups the kernel
+  ``(*K, Cin/G, Cout)`` becomes ``(*K, Cout/G, Cin)``: group ``g``'s block, transposed.
+  """
   n = len(strides)
   out_spatial = g.shape[1:n + 1]
   k_spatial = w.shape[:n]
-  # Flip every spatial axis and swap (I, O) -> (O, I): an ordinary HWIO kernel mapping Cout -> Cin.
-  w_t = jnp.swapaxes(jnp.flip(w, axis=tuple(range(n))), n, n + 1)
+  ci, cout = w.shape[n], w.shape[n + 1]
+  co = cout // groups
+  # Flip every spatial axis; per group swap (I, O): an HWIO kernel mapping Cout -> Cin in G groups.
+  w_t = jnp.flip(w, axis=tuple(range(n))).reshape(*k_spatial, ci, groups, co)
+  w_t = jnp.transpose(w_t, tuple(range(n)) + (n + 2, n + 1, n)).reshape(
+      *k_spatial, co, groups * ci)
   grad_pads = []
-  for size, out, k, s, d, (lo, _) in zip(
-      x_spatial, out_spatial, k_spatial, strides, dilation, pads, strict=True):
+  for size, out, k, s, a, d, (lo, _) in zip(
+      x_spatial, out_spatial, k_spatial, strides, lhs_dilation, dilation, pads, strict=True):
     k_eff = (k - 1) * d + 1
-    before = k_eff - 1 - lo
-    after = size + lo - (out - 1) * s - 1
-    grad_pads.append((before, after))
+    grad_pads.append((k_eff - 1 - lo, (size - 1) * a + lo - (out - 1) * s))
   return lax.conv_general_dilated(
-      g, w_t, window_strides=(1,) * n, padding=grad_pads, lhs_dilation=strides,
-      rhs_dilation=dilation, dimension_numbers=dn, precision=precision)
+      g, w_t, window_strides=lhs_dilation, padding=grad_pads, lhs_dilation=strides,
+      rhs_dilation=dilation, dimension_numbers=dn, feature_group_count=groups,
+      precision=precision)
 
 
-def _kernel_grad_conv(x, g, k_spatial, strides, pads, dilation, precision, dn):
-  """dw as a canonical conv: batch <- input channels, input features <- batch."""
+def _kernel_grad_conv(x, g, k_spatial, strides, pads, lhs_dilation, dilation, groups, precision,
+                      dn):
+  """dw as a canonical conv: batch <- input channels of a group, input features <- batch.
+
+  ``dw[k, i, o] = sum_{n, p} x_pad[n, p*s + k*d, i] * g[n, p, o]`` (``x_pad``: ``x`` dilated by
+  the input dilation ``a``, then padded). ``x`` ``(N, *S, G*Ci)`` is transposed to
+  ``(Ci, *S, G*N)`` (group ``g``'s channels ``i`` as the batch, ``(g, n)`` as the features) and
+  ``g`` to ``(*So, N, Cout)`` (an ``HWIO`` kernel with ``I = N``); a forward conv with
+  ``feature_group_count = G``, ``window_strides = d``, ``lhs_dilation = a``, ``rhs_dilation = s``
+  and padding ``(lo, k_eff - 1 + (out - 1) * s - (n - 1) * a - lo)`` (exactly ``k`` windows) gives
+  ``(Ci, *K, Cout)``: each group's kernel gradient, and only those (no ``G``-fold waste).
+  """
   n = len(strides)
+  batch = x.shape[0]
   x_spatial = x.shape[1:n + 1]
   out_spatial = g.shape[1:n + 1]
   spatial = tuple(range(1, n + 1))
-  # x: (N, *S, Cin) -> (Cin, *S, N): the input channels become the batch, the batch the features.
-  x_t = jnp.transpose(x, (n + 1,) + spatial + (0,))
+  ci = x.shape[-1] // groups
+  # x: (N, *S, G*Ci) -> (Ci, *S, G, N) -> (Ci, *S, G*N).
+  x_t = jnp.transpose(x.reshape(batch, *x_spatial, groups, ci),
+                      (n + 2,) + spatial + (n + 1, 0)).reshape(ci, *x_spatial, groups * batch)
   # g: (N, *So, Cout) -> (*So, N, Cout): an HWIO kernel with I = batch and O = output channels.
   g_t = jnp.transpose(g, spatial + (0, n + 1))
   grad_pads = []
-  for size, out, k, s, d, (lo, _) in zip(
-      x_spatial, out_spatial, k_spatial, strides, dilation, pads, strict=True):
+  for size, out, k, s, a, d, (lo, _) in zip(
+      x_spatial, out_spatial, k_spatial, strides, lhs_dilation, dilation, pads, strict=True):
     k_eff = (k - 1) * d + 1
-    # Trim the high side so that exactly k windows (stride d) fit: hi = (out-1)*s + k_eff - lo - in.
-    grad_pads.append((lo, (out - 1) * s + k_eff - lo - size))
+    # Trim the high side so that exactly k windows (stride d) fit.
+    grad_pads.append((lo, k_eff - 1 + (out - 1) * s - (size - 1) * a - lo))
   dw = lax.conv_general_dilated(
-      x_t, g_t, window_strides=dilation, padding=grad_pads, rhs_dilation=strides,
-      dimension_numbers=dn, precision=precision)
-  # (Cin, *K, Cout) -> (*K, Cin, Cout).
+      x_t, g_t, window_strides=dilation, padding=grad_pads, lhs_dilation=lhs_dilation,
+      rhs_dilation=strides, dimension_numbers=dn, feature_group_count=groups,
+      precision=precision)
+  # (Ci, *K, Cout) -> (*K, Ci, Cout).
   return jnp.transpose(dw, spatial + (0, n + 1))
 
 
@@ -187,12 +226,13 @@ KERNEL_GRAD_BATCH_CHUNK: int | None = 8
 KERNEL_GRAD_MIN_BATCH = 64
 
 
-def _kernel_grad(x, g, k_spatial, strides, pads, dilation, precision, dn):
+def _kernel_grad(x, g, k_spatial, strides, pads, lhs_dilation, dilation, groups, precision, dn):
   """dw, summed over batch chunks of ``KERNEL_GRAD_BATCH_CHUNK`` examples where that is faster."""
+  args = (k_spatial, strides, pads, lhs_dilation, dilation, groups, precision, dn)
   batch, chunk = x.shape[0], KERNEL_GRAD_BATCH_CHUNK
   if (chunk is None or batch < KERNEL_GRAD_MIN_BATCH or batch % chunk
       or jax.default_backend() != 'cpu'):
-    return _kernel_grad_conv(x, g, k_spatial, strides, pads, dilation, precision, dn)
+    return _kernel_grad_conv(x, g, *args)
   xs = x.reshape(batch // chunk, chunk, *x.shape[1:])
   gs = g.reshape(batch // chunk, chunk, *g.shape[1:])
   acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
@@ -200,107 +240,187 @@ def _kernel_grad(x, g, k_spatial, strides, pads, dilation, precision, dn):
   def add_chunk(acc, xg):
     # Each chunk in (at least) float32, so bf16 inputs round once, at the end, not per chunk.
     xc, gc = xg[0].astype(acc_dtype), xg[1].astype(acc_dtype)
-    return acc + _kernel_grad_conv(xc, gc, k_spatial, strides, pads, dilation, precision, dn), None
+    return acc + _kernel_grad_conv(xc, gc, *args), None
 
-  shape = (*k_spatial, x.shape[-1], g.shape[-1])
+  shape = (*k_spatial, x.shape[-1] // groups, g.shape[-1])
   dw, _ = lax.scan(add_chunk, jnp.zeros(shape, acc_dtype), (xs, gs))
   return dw.astype(x.dtype)
 
 
-def _make_conv(strides, pads, dilation, precision, n):
+def _make_conv(strides, pads, lhs_dilation, dilation, groups, precision, n):
   """Builds the custom-VJP conv for one set of (Python) hyperparameters."""
   dn = _dimension_numbers(n)
+  hyper = (strides, pads, lhs_dilation, dilation, groups, precision, dn)
 
   @jax.custom_vjp
   def conv_fn(x, w):
-    return _forward(x, w, strides, pads, dilation, precision, dn)
+    return _forward(x, w, *hyper)
 
   def fwd(x, w):
     # The primal conv itself (not `conv_fn`), so forward-over-reverse (jax.hessian) works.
-    return _forward(x, w, strides, pads, dilation, precision, dn), (x, w)
+    return _forward(x, w, *hyper), (x, w)
 
   def bwd(res, g):
     x, w = res
     g = g.astype(x.dtype)
-    dx = _input_grad(g, w, x.shape[1:n + 1], strides, pads, dilation, precision, dn)
-    dw = _kernel_grad(x, g, w.shape[:n], strides, pads, dilation, precision, dn)
+    dx = _input_grad(g, w, x.shape[1:n + 1], *hyper)
+    dw = _kernel_grad(x, g, w.shape[:n], *hyper)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
   conv_fn.defvjp(fwd, bwd)
   return conv_fn
 
 
+def _dilations(layer: str, arg: str, value, n: int) -> tuple[int, ...]:
+  """Like ``_as_tuple``; None means 1 (flax's backward-compatible sentinel)."""
+  return _as_tuple(layer, arg, 1 if value is None else value, n)
+
+
 def conv(
     x: jax.Array,
     kernel: jax.Array,
     *,
-    strides: int | Sequence[int] = 1,
+    strides: int | Sequence[int] | None = 1,
     padding: PaddingLike = 'SAME',
-    kernel_dilation: int | Sequence[int] = 1,
+    input_dilation: int | Sequence[int] | None = 1,
+    kernel_dilation: int | Sequence[int] | None = 1,
     feature_group_count: int = 1,
     precision: Any = None,
     custom_backward: bool = True,
+    preferred_element_type: Any = None,
+    out_sharding: Any = None,
+    conv_general_dilated: Callable[..., jax.Array] | None = None,
+    layer: str = _LAYER,
 ) -> jax.Array:
-  """Channels-last convolution with a canonical-layout backward pass.
+  r"""Channels-last (grouped) convolution with a canonical-layout backward pass.
 
-  Computes ``y[n, p, o] = sum_{k, i} x_pad[n, p * s + k * d, i] * kernel[k, i, o]`` (per spatial
-  axis), the same function as ``lax.conv_general_dilated`` with ``('NHWC', 'HWIO', 'NHWC')``.
+  Per spatial axis, with ``x_pad`` the input dilated by ``a`` (``input_dilation``) and then
+  padded, ``G = feature_group_count``, ``Ci = Cin / G`` and ``Co = Cout / G``:
+
+  .. math::
+
+    y[n, p, o] = \sum_{k} \sum_{i < C_i} x_{pad}[n, p s + k d, \lfloor o / C_o \rfloor C_i + i]
+    \, w[k, i, o],
+
+  the same function as ``lax.conv_general_dilated`` with ``('NHWC', 'HWIO', 'NHWC')``,
+  ``lhs_dilation = input_dilation``, ``rhs_dilation = kernel_dilation`` and
+  ``feature_group_count``, i.e. what ``flax.linen.Conv`` / ``flax.nnx.Conv`` compute.
+
+  Every combination of strides, padding, dilations and groups has the canonical custom backward
+  (input gradient: a forward conv of the output gradient with the flipped kernel, in/out swapped
+  per group; kernel gradient: a grouped forward conv of ``x`` with the output gradient, batch and
+  channels exchanged; see the module docstring). Only three options take JAX's autodiff instead,
+  because the custom rule cannot honour them: ``preferred_element_type``, ``out_sharding`` and a
+  user-supplied ``conv_general_dilated``.
 
   Args:
     x: input of shape ``(N, *spatial, Cin)`` (``NHWC`` for 2-D), 1 to 3 spatial axes.
-    kernel: kernel of shape ``(*kernel_spatial, Cin, Cout)`` (``HWIO`` for 2-D). ``x`` and
-      ``kernel`` are promoted to a common dtype first; the output has that dtype (bf16 in, bf16
-      out).
-    strides: window strides, an int or one per spatial axis.
-    padding: ``'SAME'``, ``'VALID'``, an int, per-axis ints, or per-axis ``(lo, hi)`` pairs; or
-      ``'CIRCULAR'`` / ``'REFLECT'`` (the input is padded by ``((k_eff - 1) // 2, k_eff // 2)``
-      with ``jnp.pad`` mode ``'wrap'`` / ``'reflect'`` and then convolved ``'VALID'``, as in
-      ``flax.linen.Conv``).
-    kernel_dilation: kernel (atrous) dilation, an int or one per spatial axis.
-    feature_group_count: only 1 is supported (grouped / depthwise convolutions are not).
+    kernel: kernel of shape ``(*kernel_spatial, Cin / G, Cout)`` (``HWIO`` for 2-D), ``Cout`` a
+      multiple of ``G``. ``x`` and ``kernel`` are promoted to a common dtype first; the output has
+      that dtype (bf16 in, bf16 out).
+    strides: window strides, an int or one per spatial axis (None: 1).
+    padding: ``'SAME'`` / ``'SAME_LOWER'`` (output size ``ceil(in / stride)``; the odd pad element
+      at the end / start), ``'VALID'``, an int (both sides of every axis), per-axis ints, or
+      per-axis ``(lo, hi)`` pairs (negative entries crop); ``'CIRCULAR'`` / ``'REFLECT'`` (the input
+      is padded by ``((k_eff - 1) // 2, k_eff // 2)`` with ``jnp.pad`` mode ``'wrap'`` /
+      ``'reflect'`` and then convolved ``'VALID'``), or ``'CAUSAL'`` (1-D only: ``k_eff - 1``
+      zeros on the left), all as in ``flax.linen.Conv``. A string padding with
+      ``input_dilation != 1`` raises, as in flax (``lax`` has no string padding for it).
+    input_dilation: input (lhs) dilation, an int or one per spatial axis (None: 1); a conv with
+      input dilation ``a`` is a transposed conv with stride ``a``.
+    kernel_dilation: kernel (atrous, rhs) dilation, an int or one per spatial axis (None: 1).
+    feature_group_count: ``G``, the number of groups (``G = Cin``: depthwise); must divide ``Cin``
+      and ``Cout``.
     precision: ``lax.Precision`` passed to every convolution (forward and backward).
     custom_backward: if True (default), the backward pass is the ``jax.custom_vjp`` made of
       canonical forward convolutions (fast inside ``scan`` on XLA:CPU). It does not support
       forward-mode AD (``jax.jvp`` / ``jax.jacfwd``): pass False there, which uses
       ``lax.conv_general_dilated`` with JAX's autodiff.
+    preferred_element_type: passed to ``lax.conv_general_dilated`` (output accumulation dtype);
+      when given, the backward pass is JAX's autodiff.
+    out_sharding: passed to ``lax.conv_general_dilated`` (explicit-sharding meshes); when given,
+      the backward pass is JAX's autodiff.
+    conv_general_dilated: a replacement for ``lax.conv_general_dilated`` (as ``flax.linen.Conv``'s
+      ``conv_general_dilated`` / ``flax.nnx.Conv``'s argument), called as ``fn(x, kernel, strides,
+      pads, lhs_dilation=..., rhs_dilation=..., dimension_numbers=..., feature_group_count=...,
+      precision=...)`` with explicit ``(lo, hi)`` pads (plus ``preferred_element_type`` /
+      ``out_sharding`` when given) and differentiated by autodiff.
+    layer: the name error messages start with (layers pass their class name).
 
   Returns:
     The output, shape ``(N, *out_spatial, Cout)``.
 
+  Raises:
+    ValueError: on a rank, channel-count, group, stride, dilation or padding that does not fit.
+    TypeError: on non-floating ``x`` or ``kernel``.
+
   References:
-    jaxnorm ECOSYSTEM.md "Depth: scan vs unrolled (XLA:CPU)" (why the custom backward exists).
+    Dumoulin and Visin (2016), "A guide to convolution arithmetic for deep learning",
+    arXiv:1603.07285 (transposed convolutions, the padding algebra of the backward pass).
   """
-  check_floating(_LAYER, 'x', x)
-  check_floating(_LAYER, 'kernel', kernel)
+  check_floating(layer, 'x', x)
+  check_floating(layer, 'kernel', kernel)
   if x.ndim < 3 or x.ndim > 5:
-    fail(_LAYER, 'x', 'an array of rank 3, 4 or 5 (N, *spatial, C)', f'rank {x.ndim} '
+    fail(layer, 'x', 'an array of rank 3, 4 or 5 (N, *spatial, C)', f'rank {x.ndim} '
          f'(shape {x.shape})')
   if kernel.ndim != x.ndim:
-    fail(_LAYER, 'kernel', f'an array of rank {x.ndim} (*spatial, Cin, Cout) to match `x`',
+    fail(layer, 'kernel', f'an array of rank {x.ndim} (*spatial, Cin / G, Cout) to match `x`',
          f'rank {kernel.ndim} (shape {kernel.shape})')
-  if feature_group_count != 1:
-    fail(_LAYER, 'feature_group_count', '1 (grouped convolutions are not supported)',
-         repr(feature_group_count))
-  if kernel.shape[-2] != x.shape[-1]:
-    fail(_LAYER, 'kernel', f'input-channel dimension {x.shape[-1]} (from `x`)',
-         f'shape {kernel.shape}')
+  groups = feature_group_count
+  if (isinstance(groups, bool) or not isinstance(groups, int | np.integer) or groups < 1):
+    fail(layer, 'feature_group_count', 'a positive int', repr(groups))
+  groups = int(groups)
+  cin, cout = x.shape[-1], kernel.shape[-1]
+  if cin % groups:
+    fail(layer, 'feature_group_count', f'a divisor of the input channels {cin}', groups)
+  if cout % groups:
+    fail(layer, 'feature_group_count', f'a divisor of the output channels {cout} '
+         f'(kernel shape {kernel.shape})', groups)
+  if kernel.shape[-2] * groups != cin:
+    fail(layer, 'kernel', f'input-channel dimension {cin // groups} (Cin {cin} from `x` / '
+         f'feature_group_count {groups})', f'shape {kernel.shape}')
   n = x.ndim - 2
-  strides = _as_tuple(_LAYER, 'strides', strides, n)
-  dilation = _as_tuple(_LAYER, 'kernel_dilation', kernel_dilation, n)
-  if isinstance(padding, str) and padding.upper() in ('CIRCULAR', 'REFLECT'):
-    # Pad the input itself (periodic / mirrored), then convolve without further padding.
-    edge = [((k - 1) * d) for k, d in zip(kernel.shape[:n], dilation, strict=True)]
-    mode = {'CIRCULAR': 'wrap', 'REFLECT': 'reflect'}[padding.upper()]
-    x = jnp.pad(x, [(0, 0)] + [(e // 2, e - e // 2) for e in edge] + [(0, 0)], mode=mode)
-    padding = 'VALID'
-  pads = resolve_padding(padding, x.shape[1:n + 1], kernel.shape[:n], strides, dilation)
-  for size, k, d, (lo, hi) in zip(x.shape[1:n + 1], kernel.shape[:n], dilation, pads, strict=True):
-    if size + lo + hi < (k - 1) * d + 1:
-      fail(_LAYER, 'x', f'padded spatial size >= dilated kernel size {(k - 1) * d + 1}',
-           f'shape {x.shape} with padding {pads}')
+  strides = _dilations(layer, 'strides', strides, n)
+  lhs_dilation = _dilations(layer, 'input_dilation', input_dilation, n)
+  dilation = _dilations(layer, 'kernel_dilation', kernel_dilation, n)
+  k_spatial = kernel.shape[:n]
+  if isinstance(padding, str):
+    mode = padding.upper()
+    if lhs_dilation != (1,) * n:
+      fail(layer, 'padding', 'explicit (lo, hi) pairs or ints with input_dilation != 1 (as in '
+           'flax / lax, a string padding is not defined for an input-dilated conv)',
+           f'{padding!r} with input_dilation {lhs_dilation}')
+    if mode in ('CIRCULAR', 'REFLECT', 'CAUSAL'):
+      k_eff = [(k - 1) * d + 1 for k, d in zip(k_spatial, dilation, strict=True)]
+      if mode == 'CAUSAL':
+        if n != 1:
+          fail(layer, 'padding', "'CAUSAL' only for a 1-D convolution (as in flax)",
+               f"'CAUSAL' for {n} spatial axes")
+        x = jnp.pad(x, [(0, 0), (k_eff[0] - 1, 0), (0, 0)])
+      else:
+        # Pad the input itself (periodic / mirrored), then convolve without further padding.
+        pad_mode = {'CIRCULAR': 'wrap', 'REFLECT': 'reflect'}[mode]
+        x = jnp.pad(x, [(0, 0)] + [((e - 1) // 2, e // 2) for e in k_eff] + [(0, 0)],
+                    mode=pad_mode)
+      padding = 'VALID'
+  pads = resolve_padding(padding, x.shape[1:n + 1], k_spatial, strides, dilation, layer=layer)
+  for size, k, a, d, (lo, hi) in zip(x.shape[1:n + 1], k_spatial, lhs_dilation, dilation, pads,
+                                     strict=True):
+    if (size - 1) * a + 1 + lo + hi < (k - 1) * d + 1:
+      fail(layer, 'x', f'padded (input-dilated) spatial size >= dilated kernel size '
+           f'{(k - 1) * d + 1}', f'shape {x.shape} with padding {pads} and input_dilation '
+           f'{lhs_dilation}')
   dtype = jnp.result_type(x, kernel)
   x = jnp.asarray(x, dtype)
   kernel = jnp.asarray(kernel, dtype)
+  extra = {k: v for k, v in (('preferred_element_type', preferred_element_type),
+                              ('out_sharding', out_sharding)) if v is not None}
+  if conv_general_dilated is not None or extra:
+    fn = lax.conv_general_dilated if conv_general_dilated is None else conv_general_dilated
+    return fn(x, kernel, strides, pads, lhs_dilation=lhs_dilation, rhs_dilation=dilation,
+              dimension_numbers=_dimension_numbers(n), feature_group_count=groups,
+              precision=precision, **extra)
   if not custom_backward:
-    return _forward(x, kernel, strides, pads, dilation, precision, _dimension_numbers(n))
-  return _make_conv(strides, pads, dilation, precision, n)(x, kernel)
+    return _forward(x, kernel, strides, pads, lhs_dilation, dilation, groups, precision,
+                    _dimension_numbers(n))
+  return _make_conv(strides, pads, lhs_dilation, dilation, groups, precision, n)(x, kernel)

@@ -1,22 +1,27 @@
 """Weight standardization of convolution kernels, per output channel (WS, Scaled WS, PWS).
 
 For an ``HWIO`` kernel ``W`` (any number of spatial axes, ``(*K, Cin, Cout)``), every output
-channel ``o`` is one filter ``W_o`` of ``n = prod(K) * Cin`` entries. Each method centres the
-filter, ``W_o - mean(W_o)``, and divides by a measure of its spread:
+channel ``o`` is one filter ``W_o`` of ``n = prod(K) * Cin`` entries. For a grouped convolution
+(``feature_group_count = G``) the kernel is ``(*K, Cin / G, Cout)``: each filter only sees its
+group's ``Cin / G`` channels, so ``n = fan_in = prod(K) * Cin / G`` is again the product of every
+axis but the last, and nothing here needs to know ``G``. Each method centres the filter,
+``W_o - mean(W_o)``, and divides by a measure of its spread:
 
 - ``'ws'``: ``(W_o - mu_o) / sqrt(var_o + eps)``, biased variance, eps inside the sqrt, eps 1e-5
   (Qiao et al. 2019, the paper's equation).
 - ``'ws_std'``: ``(W_o - mu_o) / (std_o + eps)``, **unbiased** std, eps outside the sqrt, eps 1e-5
   (the official PyTorch README code of Weight Standardization, ``torch.std_mean``).
 - ``'scaled_ws'``: ``gain_o * (W_o - mu_o) * rsqrt(max(fan_in * var_o, eps))``, biased variance,
-  ``fan_in = n``, eps 1e-4 (NF-ResNets, ``nfnets/base.py::WSConv2D``). Per-filter sum of squares is
-  ``gain_o^2`` exactly (while ``fan_in * var_o > eps``).
+  ``fan_in = n``, eps 1e-4 (NF-ResNets, ``nfnets/base.py::WSConv2D``: ``np.prod(shape[:-1])``).
+  Per-filter sum of squares is ``gain_o^2`` exactly (while ``fan_in * var_o > eps``).
 - ``'pws'``: ``sqrt(2 / fan) * alpha_o * (W_o - mu_o) / sqrt(var_o + gamma)``, biased variance,
-  gamma inside the sqrt (``F.layer_norm`` semantics), ``fan = prod(K) * Cin`` (``mode='fan_in'``)
-  or ``prod(K) * Cout`` (``mode='fan_out'``); ``equiv=True`` uses ``gamma * 2 / fan`` instead of
-  gamma. Per-filter sum of squares is ``2 * alpha_o^2 * var_o / (var_o + gamma) * n / fan``
-  (``= 2 alpha^2 sigma^2 / (sigma^2 + gamma)`` for ``fan_in``): gamma is not negligible for wide
-  layers (papers.md §5 table).
+  gamma inside the sqrt (``F.layer_norm`` semantics), ``fan = prod(K) * Cin / G``
+  (``mode='fan_in'``) or ``prod(K) * Cout`` (``mode='fan_out'``), both read off the kernel shape as
+  torch's ``_calculate_fan_in_and_fan_out`` does (see :func:`pws_fan`); ``equiv=True`` uses
+  ``gamma * 2 / fan`` instead of gamma. Per-filter sum of squares is
+  ``2 * alpha_o^2 * var_o / (var_o + gamma) * n / fan`` (``= 2 alpha^2 sigma^2 / (sigma^2 + gamma)``
+  for ``fan_in``): gamma is not negligible for wide layers (He init, ``sigma^2 = 2 / fan_in``,
+  gamma 1e-3: the ratio to 2 is ``1 / (1 + gamma fan_in / 2)``, 0.78 at ``fan_in = 576``).
 
 Statistics are computed in float32 (float64 for float64 kernels) whatever the kernel dtype; the
 result has the kernel's dtype. Every method is invariant to adding a constant to a filter, so the
@@ -31,11 +36,12 @@ such a layer outputs only its bias; :func:`check_fan_in` lets layers warn about 
 raises: its unbiased std needs 2 entries). Stabilizers that are nan, inf or negative raise.
 
 References:
-  Qiao et al. 2019, "Micro-Batch Training with Batch-Channel Normalization and Weight
-  Standardization" (arXiv 1903.10520), papers.md §5b. Brock, De, Smith 2021, "Characterizing signal
-  propagation to close the performance gap in unnormalized ResNets", papers.md §5b. Liu, Ge, Li, Gui
-  2021, "Delving into Variance Transmission and Normalization: Shift of Average Gradient Makes the
-  Network Collapse" (AAAI), papers.md §5(a) (official PyTorch ``pws_layer.py``).
+  Qiao, Wang, Liu, Shen, Yuille (2019), "Micro-Batch Training with Batch-Channel Normalization and
+  Weight Standardization", arXiv:1903.10520. Brock, De, Smith (2021), "Characterizing signal
+  propagation to close the performance gap in unnormalized ResNets", arXiv:2101.08692
+  (``deepmind-research/nfnets/base.py::WSConv2D``). Liu, Ge, Li, Gui (2021), "Delving into
+  Variance Transmission and Normalization: Shift of Average Gradient Makes the Network Collapse"
+  (Parametric Weight Standardization), AAAI 2021 (official PyTorch ``pws_layer.py``).
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ _LAYER = 'standardize_kernel'
 METHODS = ('ws', 'ws_std', 'scaled_ws', 'pws')
 FAN_MODES = ('fan_in', 'fan_out')
 
-# Default eps per method (papers.md §5b): WS paper / README 1e-5, NF-ResNets 1e-4.
+# Default eps per method: WS paper / README 1e-5 (Qiao et al. 2019), NF-ResNets 1e-4 (Brock et al.).
 DEFAULT_EPS = {'ws': 1e-5, 'ws_std': 1e-5, 'scaled_ws': 1e-4}
 
 
@@ -102,21 +108,22 @@ def check_fan_in(layer: str, kernel_shape, method: str) -> None:
 
   Args:
     layer: the layer name for the message.
-    kernel_shape: ``(*K, Cin, Cout)``.
+    kernel_shape: ``(*K, Cin / G, Cout)`` (``G`` the conv's ``feature_group_count``).
     method: one of ``METHODS``.
 
   Returns:
     None.
 
   References:
-    Qiao et al. 2019 (WS standardizes over the ``prod(K) * Cin`` entries of each filter).
+    Qiao et al. 2019 (WS standardizes over the ``prod(K) * Cin / G`` entries of each filter).
   """
   n = math.prod(kernel_shape[:-1])
   if n >= 2:
     return
   if method == 'ws_std':
-    fail(layer, 'kernel_size', "a filter of at least 2 entries (kernel_size x in_features) for "
-         "the unbiased std of method 'ws_std'", f'kernel shape {tuple(kernel_shape)}')
+    fail(layer, 'kernel_size', 'a filter of at least 2 entries (kernel_size x in_features / '
+         "feature_group_count) for the unbiased std of method 'ws_std'",
+         f'kernel shape {tuple(kernel_shape)}')
   warnings.warn(
       f'{layer}: fan_in is 1 (kernel shape {tuple(kernel_shape)}): every weight-standardized '
       'filter of a single entry is 0, so the layer outputs only its bias and its kernel gets '
@@ -133,17 +140,25 @@ def _safe_rsqrt(x: jax.Array) -> jax.Array:
 
 
 def pws_fan(kernel_shape, mode: str = 'fan_in') -> int:
-  """PWS fan: ``prod(K) * Cin`` for ``'fan_in'``, ``prod(K) * Cout`` for ``'fan_out'``.
+  """PWS fan, read off the kernel shape: ``prod(K) * kernel_shape[-2]`` or ``prod(K) * Cout``.
+
+  For a grouped kernel ``(*K, Cin / G, Cout)`` that is ``prod(K) * Cin / G`` (``'fan_in'``: the
+  entries of one filter) and ``prod(K) * Cout`` (``'fan_out'``, not divided by ``G``): the
+  convention of torch's ``_calculate_fan_in_and_fan_out`` on the grouped weight
+  ``(Cout, Cin / G, kh, kw)`` (what ``kaiming_normal_``, the official PWS init, uses) and of flax's
+  ``variance_scaling``. The official PWS layer has no groups; there these are its
+  ``C_in k k`` and ``C_out k k``.
 
   Args:
-    kernel_shape: ``(*K, Cin, Cout)``.
+    kernel_shape: ``(*K, Cin / G, Cout)``.
     mode: ``'fan_in'`` or ``'fan_out'``.
 
   Returns:
     The fan as a Python int.
 
   References:
-    Liu et al. 2021, papers.md §5(a) (``fan_in = C_in k k``, ``fan_out = C_out k k``).
+    Liu, Ge, Li, Gui (2021), AAAI, official ``pws_layer.py`` (``fan_in = C_in k k``,
+    ``fan_out = C_out k k``); PyTorch ``torch.nn.init._calculate_fan_in_and_fan_out``.
   """
   check_choice(_LAYER, 'mode', mode, FAN_MODES)
   receptive = math.prod(kernel_shape[:-2])
@@ -246,8 +261,8 @@ def standardize_kernel(
 
   References:
     Qiao et al. 2019 (WS; ``'ws'`` is the paper's equation, ``'ws_std'`` the released code);
-    Brock et al. 2021a (``nfnets/base.py::WSConv2D``); Liu et al. 2021 (PWS, official
-    ``pws_layer.py``). papers.md §5(a) and §5b.
+    Brock et al. 2021 (``nfnets/base.py::WSConv2D``); Liu et al. 2021 (PWS, official
+    ``pws_layer.py``); full citations in the module docstring.
   """
   check_choice(_LAYER, 'method', method, METHODS)
   check_floating(_LAYER, 'kernel', kernel)

@@ -1,8 +1,12 @@
 """Flax linen convolutions: ``Conv`` and the weight-standardized ``WSConv``, ``ScaledWSConv``,
-``PWSConv``.
+``PWSConv``, all drop-ins for ``flax.linen.Conv``.
 
-All four own a kernel ``'kernel'`` (``HWIO``) and a bias ``'bias'`` in the ``'params'``
-collection, as ``flax.linen.Conv`` does, and run the convolution through
+All four accept ``flax.linen.Conv``'s whole signature with flax's meanings (``kernel_size`` with
+flax's int rule, ``strides``, every padding form, ``input_dilation``, ``kernel_dilation``,
+``feature_group_count``, ``use_bias``, ``mask``, ``dtype``, ``param_dtype``, ``precision``,
+``kernel_init``, ``bias_init``, ``promote_dtype``), own a kernel ``'kernel'``
+(``(*kernel_size, in_features // feature_group_count, features)``) and a bias ``'bias'`` in the
+``'params'`` collection, as ``flax.linen.Conv`` does, and run the convolution through
 ``jaxnorm.functional.conv``, whose backward pass is a canonical-layout ``jax.custom_vjp`` (fast
 inside ``nn.scan`` on XLA:CPU; ``custom_backward=False`` gives plain autodiff, e.g. for
 ``jax.jvp``). The standardized layers compute the standardized kernel in the forward pass only;
@@ -10,8 +14,11 @@ it is never written back into ``params`` (the update rule of the papers acts on 
 They have no running statistics: the kernel used in evaluation is the training kernel.
 
 References:
-  Qiao et al. 2019 (WS), Brock et al. 2021a (Scaled WS, NF-ResNets), Liu et al. 2021 (PWS);
-  papers.md §5 and §5b. Conv layout finding: ECOSYSTEM.md "Depth: scan vs unrolled".
+  Qiao et al. (2019), "Micro-Batch Training with Batch-Channel Normalization and Weight
+  Standardization", arXiv:1903.10520 (WS). Brock, De, Smith (2021), "Characterizing signal
+  propagation to close the performance gap in unnormalized ResNets", arXiv:2101.08692 (Scaled WS).
+  Liu, Ge, Li, Gui (2021), "Delving into Variance Transmission and Normalization: Shift of Average
+  Gradient Makes the Network Collapse", AAAI 2021 (PWS).
 """
 
 from __future__ import annotations
@@ -25,44 +32,20 @@ import jax.numpy as jnp
 
 from jaxnorm.functional import initializers
 from jaxnorm.functional._checks import check_choice, fail
+from jaxnorm.functional._conv_layout import canonical_kernel_size, check_groups, flatten_batch
 from jaxnorm.functional.conv import PaddingLike, conv
 from jaxnorm.functional.kernel_standardization import (
-    FAN_MODES,
-    check_fan_in,
-    check_stabilizer,
-    pws_init_alpha,
-    standardize_kernel,
+  FAN_MODES,
+  check_fan_in,
+  check_stabilizer,
+  pws_init_alpha,
+  standardize_kernel,
 )
 
 Initializer = Any
 Dtype = Any
 
 __all__ = ['Conv', 'WSConv', 'ScaledWSConv', 'PWSConv']
-
-
-def kernel_shape_for(layer: str, kernel_size, inputs_ndim: int, in_features: int,
-                     features: int) -> tuple[int, ...]:
-  """``(*K, Cin, Cout)``; an int ``kernel_size`` is square over all spatial axes of the input."""
-  if isinstance(kernel_size, int):
-    num_spatial = inputs_ndim - 2
-    if num_spatial < 1:
-      fail(layer, 'inputs', 'an array of rank >= 3 (N, *spatial, C)', f'rank {inputs_ndim}')
-    kernel_size = (kernel_size,) * num_spatial
-  kernel_size = tuple(kernel_size)
-  if not all(isinstance(k, int) and k >= 1 for k in kernel_size):
-    fail(layer, 'kernel_size', 'a positive int or a sequence of positive ints', repr(kernel_size))
-  return kernel_size + (in_features, features)
-
-
-def add_batch_axis(layer: str, inputs: jax.Array, num_spatial: int) -> tuple[jax.Array, bool]:
-  """Accepts ``(N, *spatial, C)`` or an unbatched ``(*spatial, C)``; returns a batched array."""
-  if inputs.ndim == num_spatial + 2:
-    return inputs, False
-  if inputs.ndim == num_spatial + 1:
-    return inputs[None], True
-  fail(layer, 'inputs', f'an array of rank {num_spatial + 2} (N, *spatial, C) or '
-       f'{num_spatial + 1} (unbatched) for a {num_spatial}-D kernel',
-       f'rank {inputs.ndim} (shape {inputs.shape})')
 
 
 def _check_fan_in(module: nn.Module, layer: str, kernel_shape, method: str) -> None:
@@ -72,37 +55,44 @@ def _check_fan_in(module: nn.Module, layer: str, kernel_shape, method: str) -> N
 
 
 class _ConvBase(nn.Module):
-  """Shared body: kernel and bias parameters, a kernel transform hook, the custom-VJP conv."""
+  """Shared body: ``flax.linen.Conv``'s fields and semantics, a kernel transform hook.
+
+  The fields up to ``conv_general_dilated_cls`` are ``flax.linen.Conv``'s, in its order and with
+  its defaults (``kernel_init`` excepted in ``ScaledWSConv`` / ``PWSConv``).
+  """
 
   features: int
   kernel_size: int | Sequence[int]
-  strides: int | Sequence[int] = 1
+  strides: None | int | Sequence[int] = 1
   padding: PaddingLike = 'SAME'
-  kernel_dilation: int | Sequence[int] = 1
+  input_dilation: None | int | Sequence[int] = 1
+  kernel_dilation: None | int | Sequence[int] = 1
+  feature_group_count: int = 1
+  use_bias: bool = True
+  mask: jax.Array | None = None
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
   precision: Any = None
+  kernel_init: Initializer | None = initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+  promote_dtype: Any = nn.dtypes.promote_dtype
+  conv_general_dilated: Any = None
+  conv_general_dilated_cls: Any = None
   custom_backward: bool = True
-
-  def _layer_name(self) -> str:
-    return type(self).__name__
-
-  def _use_bias(self) -> bool:
-    return True
 
   def _default_kernel_init(self) -> Initializer:
     return initializers.lecun_normal()
 
   def _kernel_init(self) -> Initializer:
-    init = getattr(self, 'kernel_init', None)
-    return self._default_kernel_init() if init is None else init
+    return self._default_kernel_init() if self.kernel_init is None else self.kernel_init
 
-  def _bias_init(self) -> Initializer:
-    return getattr(self, 'bias_init', None) or nn.initializers.zeros_init()
+  def _transform_kernel(self, kernel: jax.Array, output) -> jax.Array:
+    """Maps the raw kernel to the one used in the forward pass (identity for ``Conv``).
 
-  def _transform_kernel(self, kernel: jax.Array, inputs: jax.Array, conv_fn) -> jax.Array:
-    """Maps the raw kernel to the one used in the forward pass (identity for ``Conv``)."""
-    del inputs, conv_fn
+    ``output(k)`` is the layer's bias-free output for an effective kernel ``k`` on this call's
+    inputs (PWS's data-dependent init uses it).
+    """
+    del output
     return kernel
 
   @nn.compact
@@ -110,43 +100,62 @@ class _ConvBase(nn.Module):
     """Applies the convolution.
 
     Args:
-      inputs: ``(N, *spatial, Cin)`` (NHWC for 2-D), or unbatched ``(*spatial, Cin)``.
+      inputs: ``(*batch, *spatial, Cin)`` (NHWC for 2-D with one batch axis), the number of
+        spatial axes given by ``kernel_size``: every leading axis is a batch axis (flattened for
+        the convolution and restored), none is allowed (unbatched in, unbatched out), as in
+        ``flax.linen.Conv``.
 
     Returns:
-      ``(N, *out_spatial, features)`` (unbatched in, unbatched out).
+      ``(*batch, *out_spatial, features)``.
     """
-    layer = self._layer_name()
-    kshape = kernel_shape_for(layer, self.kernel_size, inputs.ndim, inputs.shape[-1],
-                              self.features)
-    inputs, unbatched = add_batch_axis(layer, inputs, len(kshape) - 2)
+    layer = type(self).__name__
+    kernel_size = canonical_kernel_size(layer, self.kernel_size)
+    inputs = jnp.asarray(inputs)
+    inputs, batch_shape = flatten_batch(layer, inputs, len(kernel_size))
+    in_features = inputs.shape[-1]
+    groups = check_groups(layer, self.feature_group_count, in_features, self.features)
+    kshape = kernel_size + (in_features // groups, self.features)
+    if self.mask is not None and tuple(jnp.shape(self.mask)) != kshape:
+      fail(layer, 'mask', f'the kernel shape {kshape}', f'shape {tuple(jnp.shape(self.mask))}')
     kernel = self.param('kernel', self._kernel_init(), kshape, self.param_dtype)
-    bias = (self.param('bias', self._bias_init(), (self.features,), self.param_dtype)
-            if self._use_bias() else None)
+    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    if self.conv_general_dilated_cls is not None:
+      conv_general_dilated = self.conv_general_dilated_cls()
+    else:
+      conv_general_dilated = self.conv_general_dilated
 
-    def conv_fn(x, k):
-      x, k = nn.dtypes.promote_dtype(x, k, dtype=self.dtype)
-      return conv(x, k, strides=self.strides, padding=self.padding,
-                  kernel_dilation=self.kernel_dilation, precision=self.precision,
-                  custom_backward=self.custom_backward)
+    def output(k, b=None):
+      if self.mask is not None:
+        k = k * self.mask
+      x, k, b = self.promote_dtype(inputs, k, b, dtype=self.dtype)
+      y = conv(x, k, strides=self.strides, padding=self.padding,
+               input_dilation=self.input_dilation, kernel_dilation=self.kernel_dilation,
+               feature_group_count=groups, precision=self.precision,
+               custom_backward=self.custom_backward, conv_general_dilated=conv_general_dilated,
+               layer=layer)
+      return y if b is None else y + b
 
-    kernel = self._transform_kernel(kernel, inputs, conv_fn)
-    y = conv_fn(inputs, kernel)
-    if bias is not None:
-      y, bias = nn.dtypes.promote_dtype(y, bias, dtype=self.dtype)
-      y = y + bias
-    return y[0] if unbatched else y
+    y = output(self._transform_kernel(kernel, output), bias)
+    return y if batch_shape is None else y.reshape(batch_shape + y.shape[1:])
 
 
 class Conv(_ConvBase):
-  """Convolution like ``flax.linen.Conv``, with a canonical-layout custom backward pass.
+  """Convolution, a drop-in for ``flax.linen.Conv``, with a canonical-layout custom backward.
 
-  Same parameters (``'kernel'`` ``HWIO``, ``'bias'``), defaults (``strides=1``,
-  ``padding='SAME'``, ``use_bias=True``, LeCun-normal kernel, zero bias) and dtype promotion as
-  ``flax.linen.Conv``, so the outputs and gradients are equal for the same parameters. Differences:
-  an int ``kernel_size`` means a square kernel over every spatial axis of a batched input
-  (``inputs.ndim - 2`` axes; flax reads it as a 1-D kernel; pass a tuple for unbatched inputs);
-  only ``feature_group_count=1``; no ``input_dilation``, ``mask`` or unshared weights; at most one
-  batch axis.
+  ``y[n, p, o] = sum_{k, i} x_pad[n, p * s + k * d, g(o) * Cin / G + i] * W[k, i, o] + b[o]``
+  (``G = feature_group_count`` groups, ``g(o)`` the group of output channel ``o``): the function
+  ``flax.linen.Conv`` computes, with its whole signature and meanings: the same fields in the same
+  order with the same defaults (``strides=1``, ``padding='SAME'``, ``input_dilation=1``,
+  ``kernel_dilation=1``, ``feature_group_count=1``, ``use_bias=True``, ``mask=None``, LeCun-normal
+  kernel, zero bias, ``promote_dtype``), the same parameters (``'kernel'`` of shape
+  ``(*kernel_size, in_features // feature_group_count, features)``, ``'bias'``), the same int
+  ``kernel_size`` rule (``k`` means the 1-D kernel ``(k,)``, so a rank-4 input is then a batch of
+  ``(N, H)`` rows: pass a tuple for 2-D), the same batch handling (any number of leading batch
+  axes, or none) and the same dtype promotion, so the outputs and gradients are those of
+  ``flax.linen.Conv`` for the same parameters (tested over the signature). The convolution runs
+  through :func:`jaxnorm.functional.conv`, whose backward pass is a ``jax.custom_vjp`` of
+  canonical-layout forward convolutions (fast inside ``nn.scan`` on XLA:CPU).
 
   Example::
 
@@ -159,67 +168,75 @@ class Conv(_ConvBase):
 
   Attributes:
     features: number of output channels.
-    kernel_size: spatial kernel size, an int (square) or a sequence.
-    strides: window strides, an int or one per spatial axis.
-    padding: ``'SAME'``, ``'VALID'``, ``'CIRCULAR'``, ``'REFLECT'``, an int, per-axis ints or
-      ``(lo, hi)`` pairs.
-    kernel_dilation: kernel (atrous) dilation.
+    kernel_size: spatial kernel size, a sequence of ints (an int ``k`` is ``(k,)``, as in flax).
+    strides: window strides, an int or one per spatial axis (None: 1).
+    padding: ``'SAME'``, ``'SAME_LOWER'``, ``'VALID'``, ``'CIRCULAR'``, ``'REFLECT'``,
+      ``'CAUSAL'`` (1-D), an int, per-axis ints or per-axis ``(lo, hi)`` pairs.
+    input_dilation: input dilation (a transposed conv with that stride); an int or per axis. As
+      in flax it needs explicit (not string) padding when it is not 1.
+    kernel_dilation: kernel (atrous) dilation; an int or per axis.
+    feature_group_count: number of groups ``G`` (``G = in_features``: depthwise); must divide the
+      input channels and ``features``.
+    use_bias: whether to add a bias.
+    mask: optional array of the kernel's shape multiplying the kernel (masked convolution).
     dtype: computation dtype (None: promoted from inputs and params, as flax).
     param_dtype: parameter dtype.
     precision: ``lax.Precision`` for every convolution.
-    custom_backward: True (default) uses the custom VJP of ``jaxnorm.functional.conv``; False uses
-      ``lax.conv_general_dilated`` autodiff (needed for ``jax.jvp`` / ``jax.jacfwd``).
-    use_bias: whether to add a bias.
     kernel_init: kernel initializer (LeCun normal).
     bias_init: bias initializer (zeros).
+    promote_dtype: ``promote_dtype(inputs, kernel, bias, dtype=...)`` (flax's by default).
+    conv_general_dilated: optional replacement for ``lax.conv_general_dilated`` (deprecated in
+      flax); when given (or ``conv_general_dilated_cls``) it is differentiated by autodiff.
+    conv_general_dilated_cls: optional class whose instance is that replacement.
+    custom_backward: True (default) uses the custom VJP of ``jaxnorm.functional.conv``; False uses
+      ``lax.conv_general_dilated`` autodiff (needed for ``jax.jvp`` / ``jax.jacfwd``).
 
   References:
-    ``flax.linen.Conv``; ECOSYSTEM.md "Depth: scan vs unrolled (XLA:CPU)".
+    ``flax.linen.Conv`` (the semantics reproduced); Dumoulin and Visin (2016), "A guide to
+    convolution arithmetic for deep learning", arXiv:1603.07285.
   """
-
-  use_bias: bool = True
-  kernel_init: Initializer = initializers.lecun_normal()
-  bias_init: Initializer = nn.initializers.zeros_init()
-
-  def _use_bias(self) -> bool:
-    return self.use_bias
 
 
 class WSConv(_ConvBase):
-  """Weight-standardized convolution (Qiao et al. 2019).
+  r"""Weight-standardized convolution (Qiao et al. 2019), a drop-in for ``flax.linen.Conv``.
 
-  ``y = conv(x, (W - mean) / sqrt(var + eps)) + b`` (``method='ws'``, the paper's equation:
-  biased variance, eps inside the sqrt) or ``(W - mean) / (std + eps)`` (``method='ws_std'``, the
-  released PyTorch code: unbiased std, eps outside the sqrt), per output channel over ``(H, W, I)``.
-  No scale: WS is meant to be followed by a normalization layer (GroupNorm / BatchNorm).
+  .. math::
+
+    \hat W_o = \frac{W_o - \mu_o}{\sqrt{\sigma_o^2 + \epsilon}}, \qquad
+    y = \mathrm{conv}(x, \hat W) + b
+
+  (``method='ws'``, the paper's equation: biased variance, eps inside the sqrt) or
+  ``(W_o - mu_o) / (std_o + eps)`` (``method='ws_std'``, the released PyTorch code: unbiased
+  std, eps outside the sqrt). Each output filter ``W_o`` is standardized over its
+  ``kh * kw * (Cin / G)`` entries, i.e. over every kernel axis but the last (with
+  ``feature_group_count = G`` each filter only sees its group's ``Cin / G`` channels, as in the
+  reference implementation's grouped ``F.conv2d``). No scale: WS is meant to be followed by a
+  normalization layer (GroupNorm / BatchNorm).
+
+  Every ``flax.linen.Conv`` field is accepted with flax's meaning (see :class:`Conv`; the bias
+  is on by default, as in ``nn.Conv`` and the reference ``nn.Conv2d``, and ``use_bias=False``
+  removes it). ``mask`` multiplies the standardized kernel (the statistics are over all entries).
 
   A filter with zero spread and ``eps = 0`` standardizes to 0 (not 0 / 0). ``fan_in = 1``
-  (``kh * kw * Cin = 1``): every standardized filter is 0, so the layer outputs only its bias;
+  (``kh * kw * Cin / G = 1``): every standardized filter is 0, so the layer outputs only its bias;
   ``'ws'`` warns at ``init``, ``'ws_std'`` raises (its unbiased std needs 2 entries).
 
   Attributes:
     method: ``'ws'`` (paper) or ``'ws_std'`` (released code).
     eps: 1e-5 in both; a finite number >= 0 (nan, inf and negative values raise ValueError at
       ``init``/``apply``).
-    use_bias: whether to add a bias (default True).
     kernel_init: kernel initializer (LeCun normal; the scale is removed by the standardization).
-    bias_init: bias initializer (zeros).
-    (the other attributes as in ``Conv``)
+    (the other attributes as in :class:`Conv`)
 
   References:
-    Qiao et al. 2019, arXiv 1903.10520, papers.md §5b.
+    Qiao, Wang, Liu, Shen, Yuille (2019), "Micro-Batch Training with Batch-Channel Normalization
+    and Weight Standardization", arXiv:1903.10520.
   """
 
   method: str = 'ws'
   eps: float = 1e-5
-  use_bias: bool = True
-  kernel_init: Initializer = initializers.lecun_normal()
-  bias_init: Initializer = nn.initializers.zeros_init()
 
-  def _use_bias(self) -> bool:
-    return self.use_bias
-
-  def _transform_kernel(self, kernel, inputs, conv_fn):
+  def _transform_kernel(self, kernel, output):
     check_choice('WSConv', 'method', self.method, ('ws', 'ws_std'))
     check_stabilizer('WSConv', 'eps', self.eps, allow_zero=True)
     _check_fan_in(self, 'WSConv', kernel.shape, self.method)
@@ -227,34 +244,44 @@ class WSConv(_ConvBase):
 
 
 class ScaledWSConv(_ConvBase):
-  """Scaled weight-standardized convolution of NF-ResNets (Brock et al. 2021a).
+  r"""Scaled weight-standardized convolution of NF-ResNets (Brock et al. 2021a).
 
-  ``y = conv(x, gain * (W - mean) * rsqrt(max(fan_in * var, eps))) + b``, per output channel,
-  biased variance, ``fan_in = kh * kw * Cin``. ``gain`` has one entry per output channel (init 1),
-  the bias is always present (init 0), the kernel is initialized with
-  ``variance_scaling(1.0, 'fan_in', 'normal')``. Each standardized filter has sum of squares
-  ``gain^2`` exactly (while ``fan_in * var > eps``). ``fan_in = 1``: every standardized filter is
-  0 (finite), so the layer outputs only its bias; a warning is emitted at ``init``.
+  .. math::
+
+    \hat W_o = g_o \, \frac{W_o - \mu_o}{\sqrt{\max(N \sigma_o^2, \epsilon)}}, \qquad
+    y = \mathrm{conv}(x, \hat W) + b,
+
+  per output filter, biased variance, ``N = fan_in = kh * kw * Cin / G`` (the filter's entries,
+  as ``np.prod(weight.shape[:-1])`` in the reference ``WSConv2D``, which also takes
+  ``feature_group_count``). ``gain`` ``g`` has one entry per output channel (init 1); the kernel
+  is initialized with ``variance_scaling(1.0, 'fan_in', 'normal')``. Each standardized filter has
+  sum of squares ``gain^2`` exactly (while ``fan_in * var > eps``). ``fan_in = 1``: every
+  standardized filter is 0 (finite), so the layer outputs only its bias; a warning is emitted at
+  ``init``.
+
+  Every ``flax.linen.Conv`` field is accepted with flax's meaning (see :class:`Conv`). The bias
+  is on by default (the reference ``WSConv2D`` is an ``hk.Conv2D`` with ``with_bias=True``);
+  ``use_bias=False`` removes it. ``mask`` multiplies the standardized kernel.
 
   Attributes:
     eps: lower bound on ``fan_in * var`` (1e-4); a finite number > 0 (0, nan, inf and negative
       values raise ValueError at ``init``/``apply``).
     kernel_init: kernel initializer (None: variance scaling 1.0, fan-in, normal).
-    bias_init: bias initializer (zeros).
-    (the other attributes as in ``Conv``)
+    (the other attributes as in :class:`Conv`)
 
   References:
-    Brock, De, Smith 2021a, ``nfnets/base.py::WSConv2D``; papers.md §5b.
+    Brock, De, Smith (2021), "Characterizing signal propagation to close the performance gap in
+    unnormalized ResNets", arXiv:2101.08692 (ICLR 2021); ``deepmind/deepmind-research``
+    ``nfnets/base.py::WSConv2D``.
   """
 
-  eps: float = 1e-4
   kernel_init: Initializer | None = None
-  bias_init: Initializer = nn.initializers.zeros_init()
+  eps: float = 1e-4
 
   def _default_kernel_init(self):
     return initializers.variance_scaling(1.0, 'fan_in', 'normal')
 
-  def _transform_kernel(self, kernel, inputs, conv_fn):
+  def _transform_kernel(self, kernel, output):
     check_stabilizer('ScaledWSConv', 'eps', self.eps, allow_zero=False)
     _check_fan_in(self, 'ScaledWSConv', kernel.shape, 'scaled_ws')
     gain = self.param('gain', nn.initializers.ones_init(), (self.features,), self.param_dtype)
@@ -262,14 +289,25 @@ class ScaledWSConv(_ConvBase):
 
 
 class PWSConv(_ConvBase):
-  """Parametric weight-standardized convolution (Liu, Ge, Li, Gui 2021), official semantics.
+  r"""Parametric weight-standardized convolution (Liu, Ge, Li, Gui 2021), official semantics.
 
-  ``y = conv(x, sqrt(2/fan) * alpha * (W - mean) / sqrt(var + gamma)) + b``, per output channel,
-  biased variance with gamma inside the sqrt (``F.layer_norm`` in the official code),
-  ``fan = kh*kw*Cin`` (``mode='fan_in'``) or ``kh*kw*Cout`` (``'fan_out'``); ``equiv=True`` uses
-  ``gamma * 2 / fan``. ``alpha`` has one entry per output channel (init 1), the bias is always
-  present (init 0), and the kernel is initialized He-normal for the chosen fan
-  (``variance_scaling(2.0, mode, 'normal')``, as ``kaiming_normal_``).
+  .. math::
+
+    \hat W_o = \sqrt{2 / \mathrm{fan}} \; \alpha_o \,
+    \frac{W_o - \mu_o}{\sqrt{\sigma_o^2 + \gamma}}, \qquad y = \mathrm{conv}(x, \hat W) + b,
+
+  per output filter (its ``kh * kw * Cin / G`` entries), biased variance with gamma inside the
+  sqrt (``F.layer_norm`` in the official code). ``fan`` is computed on the kernel shape
+  ``(kh, kw, Cin / G, Cout)`` as torch's ``_calculate_fan_in_and_fan_out`` does on the grouped
+  weight ``(Cout, Cin / G, kh, kw)``: ``kh * kw * Cin / G`` (``mode='fan_in'``) or
+  ``kh * kw * Cout`` (``'fan_out'``; the official layer has no groups, where these are its
+  ``C_in k k`` and ``C_out k k``); ``equiv=True`` uses ``gamma * 2 / fan``. ``alpha`` has one
+  entry per output channel (init 1) and the kernel is initialized He-normal for the chosen fan
+  (``variance_scaling(2.0, mode, 'normal')``, as ``kaiming_normal_``, same fans).
+
+  Every ``flax.linen.Conv`` field is accepted with flax's meaning (see :class:`Conv`). The bias
+  is on by default (the official layer's ``bias=True``); ``use_bias=False`` removes it. ``mask``
+  multiplies the standardized kernel.
 
   ``init_alpha=True`` performs the official data-dependent initialization at ``init`` time: the
   output is computed with ``alpha = 1`` and without the bias (the official bias is 0 then), then
@@ -283,8 +321,8 @@ class PWSConv(_ConvBase):
   see :func:`jaxnorm.functional.kernel_standardization.pws_init_alpha`. Initialize on real data.
 
   With ``gamma = 0`` a constant filter standardizes to 0 (not 0 / 0). ``fan_in = 1``
-  (``kh * kw * Cin = 1``): every standardized filter is 0, so the layer outputs only its bias; a
-  warning is emitted at ``init``.
+  (``kh * kw * Cin / G = 1``): every standardized filter is 0, so the layer outputs only its bias;
+  a warning is emitted at ``init``.
 
   Attributes:
     gamma: fixed gamma added to the variance (1e-5; the official configs use 1e-3 on CIFAR and
@@ -295,26 +333,25 @@ class PWSConv(_ConvBase):
     init_alpha: data-dependent scalar alpha init on the init batch (alpha 1.0 and a warning when
       that batch gives an output without variance).
     kernel_init: kernel initializer (None: He normal for ``mode``).
-    bias_init: bias initializer (zeros).
-    (the other attributes as in ``Conv``)
+    (the other attributes as in :class:`Conv`)
 
   References:
-    Liu et al. 2021 (AAAI), official ``lyxzzz/PWSConv@39174be modules/utils/pws_layer.py``;
-    papers.md §5(a).
+    Liu, Ge, Li, Gui (2021), "Delving into Variance Transmission and Normalization: Shift of
+    Average Gradient Makes the Network Collapse" (Parametric Weight Standardization), AAAI 2021;
+    official code ``lyxzzz/PWSConv@39174be modules/utils/pws_layer.py``.
   """
 
+  kernel_init: Initializer | None = None
   gamma: float = 1e-5
   mode: str = 'fan_in'
   equiv: bool = False
   init_alpha: bool = False
-  kernel_init: Initializer | None = None
-  bias_init: Initializer = nn.initializers.zeros_init()
 
   def _default_kernel_init(self):
     check_choice('PWSConv', 'mode', self.mode, FAN_MODES)
     return initializers.variance_scaling(2.0, self.mode, 'normal')
 
-  def _transform_kernel(self, kernel, inputs, conv_fn):
+  def _transform_kernel(self, kernel, output):
     check_choice('PWSConv', 'mode', self.mode, FAN_MODES)
     check_stabilizer('PWSConv', 'gamma', self.gamma, allow_zero=True)
     _check_fan_in(self, 'PWSConv', kernel.shape, 'pws')
@@ -329,7 +366,7 @@ class PWSConv(_ConvBase):
         return jnp.ones(shape, dtype)
       # Official `initalpha`: output with alpha = 1 (bias 0), then alpha <- sqrt(2 / var(out)),
       # var unbiased (torch `.var()`) over the whole tensor; alpha = 1 where that is not finite.
-      out = conv_fn(inputs, standardize(jnp.ones(shape, kernel.dtype))).astype(jnp.float32)
+      out = output(standardize(jnp.ones(shape, kernel.dtype))).astype(jnp.float32)
       return pws_init_alpha(out, shape[0], dtype, layer='PWSConv', arg='init_alpha')
 
     alpha = self.param('alpha', alpha_init, (self.features,), self.param_dtype)
