@@ -47,7 +47,8 @@ def test_scanned_and_unrolled_count_the_same_parameters_and_deep_presets_build()
   # ResNet-1202 (19.4M) and WRN-1000-1 build in seconds when scanned.
   assert abs(_count(cifar_resnet(1202, scan=True), CIFAR) / 1e6 - 19.4) < 0.1
   assert _count(wide_resnet(1000, 1, scan=True), CIFAR) > 0
-  # The official PWS ResNets (papers.md §5(b)): ResNet-50 without its 1000-way head is 23.5M.
+  # The official PWS ResNets (Liu, Ge, Li & Gui (2021), arXiv:2103.11590): ResNet-50 without
+  # its 1000-way head is 23.5M.
   pws50 = _count(pws_resnet(50, scan=True), IMAGENET)
   assert abs((pws50 - 2048 * 1000 - 1000) / 1e6 - 23.51) < 0.03
   assert abs(_count(pws_resnet(34, scan=True), CIFAR) / 1e6 - 21.3) < 0.1
@@ -173,7 +174,7 @@ def test_residual_block_features_fail_fast():
 
   block = ResidualBlock(layers=Layers(spec=NormSpec('none')), features=0)
   with pytest.raises(ValueError, match=r'ResidualBlock: argument `features`.*got 0'):
-    block.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 2)), False, jnp.float32(1.0))
+    block.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 2)), False)
 
 
 @pytest.mark.parametrize('groups, exc, message', [

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxnorm.models import decay_mask
 from jaxnorm.training import optim
 
 PARAMS = {
@@ -19,26 +20,37 @@ PARAMS = {
 }
 
 
-def test_default_decay_mask_decays_only_kernels():
-  mask = optim.default_decay_mask(PARAMS)
-  assert mask == {'Conv_0': {'kernel': True}, 'BatchNorm_0': {'scale': False, 'bias': False},
-                  'SkipInit_0': {'alpha': False}, 'Dense_0': {'kernel': True, 'bias': False}}
+def test_the_optimizers_mask_is_the_models_decay_mask():
+  # One mask for the package: jaxnorm.models.decay_mask, no fallback copy in training.
+  assert not hasattr(optim, 'default_decay_mask') and not hasattr(optim, 'decay_mask_fn')
+  assert decay_mask(PARAMS) == {
+    'Conv_0': {'kernel': True}, 'BatchNorm_0': {'scale': False, 'bias': False},
+    'SkipInit_0': {'alpha': False}, 'Dense_0': {'kernel': True, 'bias': False}}
 
 
 @pytest.mark.parametrize('name', ['sgd', 'adam'])
 def test_weight_decay_skips_gains_alphas_and_norm_parameters(name):
-  # With zero gradients, only decayed parameters move.
+  # With zero gradients, only decayed parameters move; the default mask is models.decay_mask.
   tx = optim.make_optimizer(name, optim.make_schedule(0.1, 10, schedule='constant'),
-                            weight_decay=0.5, decay_mask=optim.default_decay_mask)
+                            weight_decay=0.5)
   grads = jax.tree.map(jnp.zeros_like, PARAMS)
   updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
-  mask = optim.default_decay_mask(PARAMS)
+  mask = decay_mask(PARAMS)
   for u, m in zip(jax.tree.leaves(updates), jax.tree.leaves(mask), strict=True):
     if m:
       # SGD: -lr * wd * w; AdamW: -lr * (0 + wd * w) (Adam's update of a zero gradient is 0).
       np.testing.assert_allclose(u, -0.1 * 0.5, rtol=1e-6)
     else:
       np.testing.assert_allclose(u, 0.0)
+
+
+def test_a_given_decay_mask_replaces_the_default():
+  tx = optim.make_optimizer('sgd', optim.make_schedule(0.1, 10, schedule='constant'),
+                            momentum=0.0, weight_decay=0.5,
+                            decay_mask=lambda p: jax.tree.map(lambda _: False, p))
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, PARAMS), tx.init(PARAMS), PARAMS)
+  for u in jax.tree.leaves(updates):
+    np.testing.assert_array_equal(u, 0.0)
 
 
 def test_nesterov_sgd_matches_closed_form():

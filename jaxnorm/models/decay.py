@@ -1,7 +1,15 @@
 """Which parameters get weight decay: kernels yes; gains, alphas, norm scales and biases no.
 
-References: De & Smith 2020 and Brock et al. 2021a (no weight decay on gains and biases; papers.md
-§3, §5b); Liu et al. 2021 (PWS alpha in its own group with weight decay 0; papers.md §5(a)).
+The one weight-decay mask of the package: ``jaxnorm.training`` uses it for every optimizer.
+
+References:
+  De & Smith (2020), 'Batch Normalization Biases Residual Blocks Towards the Identity Function in
+  Deep Networks', arXiv:2002.10444, and Brock, De & Smith (2021), 'Characterizing signal
+  propagation to close the performance gap in unnormalized ResNets', arXiv:2101.08692 (no weight
+  decay on gains and biases).
+  Liu, Ge, Li & Gui (2021), 'Delving into Variance Transmission and Normalization: Shift of
+  Average Gradient Makes the Network Collapse', arXiv:2103.11590 (PWS alpha in its own group with
+  weight decay 0).
 """
 
 from __future__ import annotations

@@ -1,8 +1,18 @@
 """Deep MLPs: a pre-activation residual MLP (De & Smith's toy model) and a plain MLP (BGN paper).
 
-References: De & Smith 2020 (papers.md §3(b): input Dense(1000) then residual blocks, LeCun-normal
-init); Cabana & Lago-Fernandez 2021 (papers.md §2: very deep plain MLPs, BGN after hidden layers,
-[recon] placement on the post-activation); Panigrahi et al. (§1: plain BN nets for comparison).
+Both take a `norm` registered for the 'mlp' family (``registry.registered_norms('mlp')``: the
+built-ins 'batch_norm', 'ghost_batch_norm', 'none', and user norms registered with
+``families=('resnet', 'mlp')`` or ``('mlp',)``); an MLP uses only the activation normalization.
+
+References:
+  De & Smith (2020), 'Batch Normalization Biases Residual Blocks Towards the Identity Function in
+  Deep Networks', arXiv:2002.10444 (the residual MLP: input Dense(1000) then residual blocks,
+  LeCun-normal init).
+  Cabana & Lago-Fernandez (2021), 'Backward Gradient Normalization in Deep Neural Networks',
+  arXiv:2106.09475 (very deep plain MLPs, BGN after hidden layers; the placement on the
+  post-activation is this package's reconstruction).
+  Panigrahi, Chen & Kuo (2018), 'Analysis on Gradient Propagation in Batch Normalized Residual
+  Networks', arXiv:1812.00342 (plain BatchNorm nets for comparison).
 """
 
 from __future__ import annotations
@@ -20,12 +30,12 @@ from jaxnorm.models.registry import (
   check_bgn,
   check_count,
   make_norm_spec,
+  registered_norms,
   resolve_skip_init,
 )
 from jaxnorm.models.stacking import default_scan, run_blocks
 from jaxnorm.models.taps import perturb
 
-MLP_NORMS = ('batch_norm', 'ghost_batch_norm', 'none')
 ACTIVATIONS: dict[str, Callable] = {
   'relu': jax.nn.relu,
   'tanh': jnp.tanh,
@@ -35,10 +45,13 @@ ACTIVATIONS: dict[str, Callable] = {
 }
 
 
+def mlp_norms() -> tuple[str, ...]:
+  """The names an MLP accepts: those registered for the 'mlp' family."""
+  return registered_norms('mlp')
+
+
 def _mlp_spec(norm, layer: str) -> NormSpec:
-  spec = make_norm_spec(norm, layer)
-  check_choice(layer, 'norm', spec.name, MLP_NORMS)
-  return spec
+  return make_norm_spec(norm, layer, family='mlp')
 
 
 def _flatten(x):
@@ -53,11 +66,9 @@ class _MLPBlock(nn.Module):
   scan_carry: bool = False
 
   @nn.compact
-  def __call__(self, x, train: bool, beta):
-    del beta
+  def __call__(self, x, train: bool):
     L = self.layers
-    norm = L.norm(train, name='norm')
-    h = jax.nn.relu(x if norm is None else norm(x))
+    h = jax.nn.relu(L.norm(train, name='norm')(x))
     h = L.bgn_node(h, 'layer', name='bgn_pre')
     branch = nn.Dense(self.width, kernel_init=nn.initializers.he_normal(), name='dense')(h)
     self.sow('intermediates', 'branch', branch)
@@ -82,14 +93,17 @@ class ResidualMLP(nn.Module):
   Args:
     depth: number of residual blocks.
     width: hidden width.
-    norm: 'batch_norm', 'ghost_batch_norm' or 'none' (or a ``NormSpec``).
+    norm: 'batch_norm', 'ghost_batch_norm', 'none', another name registered for the 'mlp'
+      family (``mlp_norms()``), or a ``NormSpec``.
     skip_init: None, a float, or 'inv_sqrt_depth'.
     num_classes: outputs of the head (``relu(norm(x)) -> Dense``).
     bgn: BackwardGradNorm placement: 'none', 'block', 'layer'.
     scan: scan blocks 1..depth-1 (None: automatic).
     remat: rematerialise each block.
 
-  References: De & Smith 2020, papers.md §3.
+  References:
+    De & Smith (2020), 'Batch Normalization Biases Residual Blocks Towards the Identity Function
+    in Deep Networks', arXiv:2002.10444.
   """
   depth: int
   width: int
@@ -115,9 +129,8 @@ class ResidualMLP(nn.Module):
     x = perturb(self, 'stem', x)
     self.sow('intermediates', 'stem', x)
     kw = dict(layers=L, width=self.width, skip_init=skip_init)
-    x = run_blocks(_MLPBlock, kw, kw, self.depth, x, train, None, scan=scan, remat=self.remat)
-    norm = L.norm(train, name='final_norm')
-    x = jax.nn.relu(x if norm is None else norm(x))
+    x = run_blocks(_MLPBlock, kw, kw, self.depth, x, train, scan=scan, remat=self.remat)
+    x = jax.nn.relu(L.norm(train, name='final_norm')(x))
     return nn.Dense(self.num_classes, name='head')(x)
 
 
@@ -133,8 +146,7 @@ class _MLPLayer(nn.Module):
     L = self.layers
     h = nn.Dense(self.width, kernel_init=self.kernel_init, use_bias=not L.spec.has_activation_norm,
                  name='dense')(x)
-    norm = L.norm(train, name='norm')
-    h = ACTIVATIONS[self.activation](h if norm is None else norm(h))
+    h = ACTIVATIONS[self.activation](L.norm(train, name='norm')(h))
     h = perturb(self, 'layer', h)
     self.sow('intermediates', 'layer', h)
     return L.bgn_node(h, 'layer', name='bgn')
@@ -148,12 +160,16 @@ class MLP(nn.Module):
     width: hidden width.
     activation: 'relu', 'tanh', 'sigmoid', 'gelu' or 'linear'.
     bgn: 'none' or 'layer' (a BackwardGradNorm node after every hidden layer's activation;
-      [recon] placement, papers.md §2).
-    norm: 'none' (default), 'batch_norm' or 'ghost_batch_norm' (a plain BN net, papers.md §1).
+      the placement is this package's reconstruction of Cabana & Lago-Fernandez 2021).
+    norm: 'none' (default), 'batch_norm' or 'ghost_batch_norm' (a plain BN net, as in Panigrahi,
+      Chen & Kuo 2018), another name registered for the 'mlp' family, or a ``NormSpec``.
     num_classes: outputs of the head.
     kernel_init: None = He normal for relu, LeCun normal otherwise.
 
-  References: Cabana & Lago-Fernandez 2021, papers.md §2.
+  References:
+    Cabana & Lago-Fernandez (2021), 'Backward Gradient Normalization in Deep Neural Networks',
+    arXiv:2106.09475; Panigrahi, Chen & Kuo (2018), 'Analysis on Gradient Propagation in Batch
+    Normalized Residual Networks', arXiv:1812.00342.
   """
   depth: int
   width: int

@@ -5,8 +5,18 @@ Presets: ``cifar_resnet(depth)`` (He et al. 6n+2: 20, 56, 110, 1202), ``wide_res
 (the official PWS ResNets: CIFAR ResNet-34, ImageNet ResNet-50). All are called as
 ``model.apply(variables, x, train=bool, mutable=[...])``.
 
-References: He et al. 2016a/b; papers.md §1, §3 (SkipInit, Regularized SkipInit), §4 (ResNet-110),
-§5(b) (PWS ResNets), §5b (NF-ResNet bookkeeping).
+References:
+  He, Zhang, Ren & Sun (2016a), 'Deep Residual Learning for Image Recognition', arXiv:1512.03385.
+  He, Zhang, Ren & Sun (2016b), 'Identity Mappings in Deep Residual Networks', arXiv:1603.05027.
+  Zagoruyko & Komodakis (2016), 'Wide Residual Networks', arXiv:1605.07146.
+  Bjorck, Gomes, Selman & Weinberger (2018), 'Understanding Batch Normalization',
+  arXiv:1806.02375 (ResNet-110).
+  De & Smith (2020), 'Batch Normalization Biases Residual Blocks Towards the Identity Function in
+  Deep Networks', arXiv:2002.10444 (SkipInit, Regularized SkipInit).
+  Liu, Ge, Li & Gui (2021), 'Delving into Variance Transmission and Normalization: Shift of
+  Average Gradient Makes the Network Collapse', arXiv:2103.11590 (the PWS ResNets).
+  Brock, De & Smith (2021), 'Characterizing signal propagation to close the performance gap in
+  unnormalized ResNets', arXiv:2101.08692 (NF-ResNet bookkeeping).
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxnorm.functional._checks import check_choice, check_positive, fail
-from jaxnorm.models.blocks import EXPANSION, STYLES, ResidualBlock
+from jaxnorm.models.blocks import EXPANSION, STYLES, NFResidualBlock, ResidualBlock
 from jaxnorm.models.registry import (
   Layers,
   NormSpec,
@@ -32,10 +42,30 @@ from jaxnorm.models.taps import perturb
 
 
 def nf_betas(stage_sizes: Sequence[int], alpha: float) -> list[list[float]]:
-  """NF-ResNet's per-block beta = 1/expected_std (papers.md §5b; Brock et al. nf_resnet.py).
+  r"""NF-ResNet's per-block ``beta = 1 / expected_std``, per stage.
 
-  expected_std starts at 1; at each stage's first block it is reset to 1 after computing beta
-  (the shortcut conv sees act(h) * beta), and every block adds alpha^2 to the expected variance.
+  The expected variance of the skip path at initialization follows
+
+  .. math::
+
+    \mathrm{Var}(x_{i+1}) = \mathrm{Var}(x_i) + \alpha^2,
+
+  since each branch has unit variance (Scaled WS and the gamma-scaled relu) and is scaled by
+  ``alpha``. ``expected_std`` starts at 1; at a stage's first block it is reset to 1 after computing
+  beta (the shortcut conv there sees ``act(x) * beta``, a unit-variance signal, and replaces the
+  skip path). So block j >= 1 of a stage has ``beta = 1 / sqrt(1 + j alpha^2)``, and block 0 the
+  reciprocal of the previous stage's final expected std.
+
+  Args:
+    stage_sizes: number of blocks per stage.
+    alpha: the residual scale alpha.
+
+  Returns:
+    One list of betas per stage, one per block.
+
+  References:
+    Brock, De & Smith (2021), 'Characterizing signal propagation to close the performance gap in
+    unnormalized ResNets', arXiv:2101.08692 (Section 4; ``nf_resnet.py`` of deepmind-research).
   """
   expected_std = 1.0
   out = []
@@ -60,9 +90,10 @@ class ResNet(nn.Module):
     strides: stride of each stage's first block.
     bottleneck: bottleneck blocks instead of basic.
     style: 'v1' (post-activation), 'v2' (pre-activation), 'relu_first' (PWS); None = 'v2' for
-      norm='scaled_ws' (NF-ResNets are pre-activation), 'v1' otherwise.
+      a norm with NF-ResNet bookkeeping ('scaled_ws'; NF-ResNets are pre-activation), 'v1'
+      otherwise.
     stem: 'cifar' (3x3/1 conv) or 'imagenet' (7x7/2 conv + 3x3/2 maxpool).
-    norm: a spec in ``registry.NORMS`` or a ``NormSpec``.
+    norm: a registered name (``registry.NORMS``; see ``register_norm``) or a ``NormSpec``.
     skip_init: None (no SkipInit gain), a float (initial gain), or 'inv_sqrt_depth'.
     bgn: BackwardGradNorm placement: 'none', 'block' (every block output), 'layer' (also every
       activation inside the branches and the stem).
@@ -73,8 +104,14 @@ class ResNet(nn.Module):
     scan: scan identical blocks of a stage (None: automatic, see ``stacking.default_scan``).
     remat: rematerialise each block in the backward pass.
 
-  References: He et al. 2016a/b; De & Smith 2020 (papers.md §3); Liu et al. 2021 (§5(b)); Brock
-  et al. 2021a (§5b).
+  References:
+    He, Zhang, Ren & Sun (2016a), 'Deep Residual Learning for Image Recognition',
+    arXiv:1512.03385; He, Zhang, Ren & Sun (2016b), 'Identity Mappings in Deep Residual
+    Networks', arXiv:1603.05027; De & Smith (2020), 'Batch Normalization Biases Residual Blocks
+    Towards the Identity Function in Deep Networks', arXiv:2002.10444; Liu, Ge, Li & Gui (2021),
+    'Delving into Variance Transmission and Normalization: Shift of Average Gradient Makes the
+    Network Collapse', arXiv:2103.11590; Brock, De & Smith (2021), 'Characterizing signal
+    propagation to close the performance gap in unnormalized ResNets', arXiv:2101.08692.
   """
   stage_sizes: Sequence[int]
   widths: Sequence[int]
@@ -94,13 +131,13 @@ class ResNet(nn.Module):
   remat: bool = False
 
   def _check(self) -> tuple[NormSpec, str]:
-    spec = make_norm_spec(self.norm, 'ResNet')
+    spec = make_norm_spec(self.norm, 'ResNet', family='resnet')
     style = self.style or ('v2' if spec.is_nf else 'v1')
     check_choice('ResNet', 'style', style, STYLES)
     check_choice('ResNet', 'stem', self.stem, ('cifar', 'imagenet'))
     check_bgn(self.bgn, 'ResNet')
     if spec.is_nf and style == 'v1':
-      fail('ResNet', 'style', "'v2' or 'relu_first' with norm='scaled_ws' (NF-ResNets are "
+      fail('ResNet', 'style', f"'v2' or 'relu_first' with norm={spec.name!r} (NF-ResNets are "
            'pre-activation)', repr(style))
     if not (len(self.stage_sizes) == len(self.widths) == len(self.strides)):
       fail('ResNet', 'stage_sizes', 'as many entries as `widths` and `strides`',
@@ -132,15 +169,14 @@ class ResNet(nn.Module):
     k, s = (3, 1) if self.stem == 'cifar' else (7, 2)
     x = L.conv(self.stem_width, k, s, name='stem_conv', first=True)(x)
     if style != 'v2':
-      stem_norm = L.norm(train, name='stem_norm') or L.outer_norm(name='stem_norm')
-      x = L.act(x if stem_norm is None else stem_norm(x))
+      x = L.act(L.norm_or_outer(train, name='stem_norm')(x))
     if self.stem == 'imagenet':
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     x = perturb(self, 'stem', x)
     self.sow('intermediates', 'stem', x)
     x = L.bgn_node(x, 'layer', name='bgn_stem')
 
-    # Stages.
+    # Stages (NF specs: NF-ResNet blocks, each stage given its blocks' betas).
     betas = nf_betas(self.stage_sizes, spec.nf_alpha) if spec.is_nf else None
     in_features = self.stem_width
     for si, (n, width, stride) in enumerate(zip(self.stage_sizes, self.widths, self.strides,
@@ -150,23 +186,23 @@ class ResNet(nn.Module):
                     skip_init=skip_init)
       first = dict(common, strides=stride,
                    projection=stride != 1 or in_features != out_features)
-      x = _Stage(first=first, rest=dict(common), n=n, betas=None if betas is None else
-                 tuple(betas[si]), scan=scan, remat=self.remat, name=f'stage_{si}')(x, train)
+      stage = dict(first=first, rest=dict(common), n=n, scan=scan, remat=self.remat,
+                   name=f'stage_{si}')
+      if betas is None:
+        x = _Stage(**stage)(x, train)
+      else:
+        x = _NFStage(**stage, betas=tuple(betas[si]))(x, train)
       in_features = out_features
 
     # Neck and head.
     if style == 'v2':
-      x = L.act(_apply(L.norm(train, name='final_norm') or L.outer_norm(name='final_norm'), x))
+      x = L.act(L.norm_or_outer(train, name='final_norm')(x))
     elif style == 'relu_first':
-      x = L.act(_apply(L.outer_norm(name='final_norm'), x))
+      x = L.act(L.outer_norm(train, name='final_norm')(x))
     x = jnp.mean(x, axis=(1, 2))
     if self.dropout_rate > 0:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(self.num_classes, name='head')(x)
-
-
-def _apply(layer, x):
-  return x if layer is None else layer(x)
 
 
 class _Stage(nn.Module):
@@ -174,14 +210,30 @@ class _Stage(nn.Module):
   first: dict
   rest: dict
   n: int
-  betas: tuple[float, ...] | None
   scan: bool
   remat: bool
 
   @nn.compact
   def __call__(self, x, train: bool):
-    return run_blocks(ResidualBlock, self.first, self.rest, self.n, x, train, self.betas,
-                      scan=self.scan, remat=self.remat)
+    return run_blocks(ResidualBlock, self.first, self.rest, self.n, x, train, scan=self.scan,
+                      remat=self.remat)
+
+
+class _NFStage(_Stage):
+  """A stage of NF-ResNet blocks (``NFResidualBlock``), block j with ``beta = betas[j]``.
+
+  The blocks carry their index in the stage next to the activation, so the scanned blocks pick
+  their own beta (Brock, De & Smith (2021), 'Characterizing signal propagation to close the
+  performance gap in unnormalized ResNets', arXiv:2101.08692).
+  """
+  betas: tuple[float, ...] = ()
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    extra = dict(betas=self.betas)
+    x, _ = run_blocks(NFResidualBlock, {**self.first, **extra}, {**self.rest, **extra}, self.n,
+                      (x, jnp.zeros((), jnp.int32)), train, scan=self.scan, remat=self.remat)
+    return x
 
 
 def _check_preset(layer: str, **counts) -> None:
@@ -223,7 +275,10 @@ def cifar_resnet(depth: int = 20, *, width: int = 16, norm: str | NormSpec = 'ba
   Returns:
     A ``ResNet`` (ResNet-20: 0.27M parameters, ResNet-110: 1.7M).
 
-  References: He et al. 2016a §4.2; papers.md §4 (Bjorck et al.'s ResNet-110).
+  References:
+    He, Zhang, Ren & Sun (2016a), 'Deep Residual Learning for Image Recognition',
+    arXiv:1512.03385, Section 4.2; Bjorck, Gomes, Selman & Weinberger (2018), 'Understanding
+    Batch Normalization', arXiv:1806.02375 (ResNet-110).
   """
   _check_preset('cifar_resnet', depth=depth, width=width, num_classes=num_classes)
   if depth < 8 or (depth - 2) % 6:
@@ -248,7 +303,10 @@ def wide_resnet(depth: int = 16, width: int = 4, *, base_width: int = 16,
   Returns:
     A ``ResNet`` (WRN-16-4: 2.7M parameters).
 
-  References: Zagoruyko & Komodakis 2016; De & Smith 2020 (papers.md §3(b): depths 16, 100, 1000).
+  References:
+    Zagoruyko & Komodakis (2016), 'Wide Residual Networks', arXiv:1605.07146; De & Smith (2020),
+    'Batch Normalization Biases Residual Blocks Towards the Identity Function in Deep Networks',
+    arXiv:2002.10444 (depths 16, 100, 1000).
   """
   _check_preset('wide_resnet', depth=depth, width=width, base_width=base_width,
                 num_classes=num_classes)
@@ -275,7 +333,11 @@ def resnet50(style: str = 'v1', *, width: int = 64, norm: str | NormSpec = 'batc
   Returns:
     A ``ResNet`` (25.6M parameters with 1000 classes).
 
-  References: He et al. 2016a/b; papers.md §3(b) (ResNet-50-V2), §5(b).
+  References:
+    He, Zhang, Ren & Sun (2016a), 'Deep Residual Learning for Image Recognition',
+    arXiv:1512.03385; He, Zhang, Ren & Sun (2016b), 'Identity Mappings in Deep Residual
+    Networks', arXiv:1603.05027; De & Smith (2020), 'Batch Normalization Biases Residual Blocks
+    Towards the Identity Function in Deep Networks', arXiv:2002.10444 (ResNet-50-V2).
   """
   _check_preset('resnet50', width=width, num_classes=num_classes)
   kw = _regularized(dict(skip_init=skip_init, **kwargs), regularized)
@@ -304,7 +366,10 @@ def pws_resnet(depth: int = 34, *, width: int = 64, norm: str | NormSpec = 'pws'
   Returns:
     A ``ResNet`` with style 'relu_first'.
 
-  References: Liu et al. 2021, papers.md §5(b).
+  References:
+    Liu, Ge, Li & Gui (2021), 'Delving into Variance Transmission and Normalization: Shift of
+    Average Gradient Makes the Network Collapse', arXiv:2103.11590; the official code,
+    github.com/lyxzzz/PWSConv.
   """
   _check_preset('pws_resnet', depth=depth, width=width,
                 num_classes=1 if num_classes is None else num_classes)

@@ -14,14 +14,13 @@ on XLA:CPU, pick conv kernels) differently than in the unrolled graph; the diffe
 <= 5e-7 relative on the logits. (Barriers between unrolled blocks did not remove them.)
 
 Why both: ``nn.scan`` keeps compile time flat in depth (ResNet-1202 compiles like ResNet-20),
-while unrolled graphs give XLA more freedom within a step. See ``jaxnorm/models/__init__.py`` and
-ECOSYSTEM.md "Depth: scan vs unrolled".
+while unrolled graphs give XLA more freedom within a step. See ``jaxnorm/models/__init__.py``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -45,40 +44,40 @@ def default_scan() -> bool:
 
 
 def run_blocks(block_cls: type[nn.Module], kwargs_first: Mapping[str, Any],
-               kwargs_rest: Mapping[str, Any], n: int, x, train: bool,
-               betas: Sequence[float] | None, *, scan: bool, remat: bool):
+               kwargs_rest: Mapping[str, Any], n: int, carry, train: bool, *, scan: bool,
+               remat: bool):
   """Applies ``n`` blocks in sequence, unrolled or with blocks 1..n-1 under ``nn.scan``.
 
-  Must be called inside a compact method (the blocks become the caller's submodules).
+  Must be called inside a compact method (the blocks become the caller's submodules). Each block
+  maps ``block(carry, train) -> carry`` (or ``(carry, None)`` when built with
+  ``scan_carry=True``, as the scanned blocks are). The carry is the activation, or any pytree of
+  arrays with the same structure in and out (e.g. NF-ResNet blocks carry ``(x, block index)``).
 
   Args:
-    block_cls: the block module class; called as ``block(x, train, beta)``.
+    block_cls: the block module class; called as ``block(carry, train)``.
     kwargs_first: constructor arguments of block 0.
     kwargs_rest: constructor arguments of blocks 1..n-1 (identical blocks).
     n: number of blocks.
-    x: input.
+    carry: input of block 0.
     train: training mode (broadcast to every block).
-    betas: per-block scalar inputs (NF-ResNet's beta), or None (all ones).
     scan: scan blocks 1..n-1.
     remat: rematerialise each block in the backward pass (``nn.remat``).
 
   Returns:
-    The output of the last block.
+    The output (carry) of the last block.
   """
-  betas = [1.0] * n if betas is None else list(betas)
-  beta_arr = jnp.asarray(betas, jnp.float32)
   cls = nn.remat(block_cls, static_argnums=(2,)) if remat else block_cls
-  x = cls(**kwargs_first, name='block_0')(x, train, beta_arr[0])
+  carry = cls(**kwargs_first, name='block_0')(carry, train)
   if n == 1:
-    return x
+    return carry
   if scan:
     scanned = nn.scan(cls, variable_axes={True: 0}, split_rngs={True: True},
-                      in_axes=(nn.broadcast, 0), length=n - 1)
-    x, _ = scanned(**kwargs_rest, scan_carry=True, name=SCANNED)(x, train, beta_arr[1:])
-    return x
+                      in_axes=nn.broadcast, length=n - 1)
+    carry, _ = scanned(**kwargs_rest, scan_carry=True, name=SCANNED)(carry, train)
+    return carry
   for i in range(1, n):
-    x = cls(**kwargs_rest, name=f'block_{i}')(x, train, beta_arr[i])
-  return x
+    carry = cls(**kwargs_rest, name=f'block_{i}')(carry, train)
+  return carry
 
 
 def _is_sequence_node(node) -> bool:

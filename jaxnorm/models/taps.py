@@ -11,7 +11,12 @@ the models call instead of ``Module.perturb``) does nothing while the model is i
 ``init`` returns only what a user keeps (``params``, ``batch_stats``, ...) and the variables work
 for any batch size. Build a zero perturbation tree for one batch with ``zero_perturbations``.
 
-References: papers.md §0 (signal-propagation metrics per block), §1 and §3 (per-block statistics).
+References:
+  Brock, De & Smith (2021), 'Characterizing signal propagation to close the performance gap in
+  unnormalized ResNets', arXiv:2101.08692 (signal-propagation metrics per block).
+  Panigrahi, Chen & Kuo (2018), 'Analysis on Gradient Propagation in Batch Normalized Residual
+  Networks', arXiv:1812.00342, and De & Smith (2020), 'Batch Normalization Biases Residual Blocks
+  Towards the Identity Function in Deep Networks', arXiv:2002.10444 (per-block statistics).
 """
 
 from __future__ import annotations

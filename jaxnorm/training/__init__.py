@@ -29,7 +29,7 @@ from jaxnorm.training.data import (
 )
 from jaxnorm.training.loop import NonFiniteLossError, Preempted, build_model, evaluate, train
 from jaxnorm.training.metrics import EventWriter, JsonlWriter, read_metrics
-from jaxnorm.training.optim import default_decay_mask, make_optimizer, make_schedule
+from jaxnorm.training.optim import make_optimizer, make_schedule
 from jaxnorm.training.steps import (
     TrainState,
     create_train_state,
@@ -45,7 +45,7 @@ __all__ = [
     'DATASETS', 'BatchIterator', 'Checkpointer', 'ConfigError', 'ConfigMismatchError', 'Dataset',
     'DatasetNotFoundError', 'EventWriter', 'JsonlWriter', 'NonFiniteLossError', 'Preempted',
     'TrainState', 'WorkdirError', 'WorkdirLockedError', 'build_model', 'create_train_state',
-    'cross_entropy', 'default_config', 'default_decay_mask', 'eval_batches', 'evaluate',
+    'cross_entropy', 'default_config', 'eval_batches', 'evaluate',
     'factory_keywords', 'load_dataset', 'make_eval_step', 'make_mesh', 'make_optimizer',
     'make_schedule', 'make_train_step', 'model_config', 'read_metrics', 'shard_batch', 'train',
     'validate_config',

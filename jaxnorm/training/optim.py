@@ -3,58 +3,36 @@
 - ``sgd``: heavy-ball momentum or Nesterov; weight decay is coupled L2 (``g + wd * w`` before the
   momentum buffer), as in the ResNet recipes of the papers.
 - ``adam``: AdamW (decoupled weight decay, ``w <- w - lr * (adam(g) + wd * w)``).
-- Weight decay never touches gains, biases, SkipInit alphas or normalization parameters: the mask
-  comes from ``jaxnorm.models.decay_mask`` when it exists, else from :func:`default_decay_mask`
-  (decay only the kernels of convolutions and dense layers).
+- Weight decay never touches gains, biases, PWS alphas or normalization scales: the mask is
+  :func:`jaxnorm.models.decay_mask` (the package's one mask) unless the caller passes another.
 - Optional adaptive gradient clipping (``optax.adaptive_grad_clip``, unit-wise ratio
   ``||g|| / max(||w||, 1e-3) <= clip``), applied to the raw gradient first.
 - Schedules: linear warmup, then cosine decay to 0, step decay (multiply by ``step_decay`` at the
   given fractions of training), or constant.
 
 References:
-  Loshchilov & Hutter 2019 (AdamW, cosine schedules); Goyal et al. 2017 (linear warmup, step
-  decay); Brock et al. 2021, "High-Performance Large-Scale Image Recognition Without
-  Normalization" (adaptive gradient clipping); Szegedy et al. 2016 (label smoothing, in steps.py).
+  Loshchilov & Hutter (2017), 'SGDR: Stochastic Gradient Descent with Warm Restarts',
+  arXiv:1608.03983 (cosine schedule).
+  Loshchilov & Hutter (2019), 'Decoupled Weight Decay Regularization', arXiv:1711.05101 (AdamW).
+  Goyal, Dollar, Girshick, Noordhuis, Wesolowski, Kyrola, Tulloch, Jia & He (2017), 'Accurate,
+  Large Minibatch SGD: Training ImageNet in 1 Hour', arXiv:1706.02677 (linear warmup, step decay).
+  Brock, De, Smith & Simonyan (2021), 'High-Performance Large-Scale Image Recognition Without
+  Normalization', arXiv:2102.06171 (adaptive gradient clipping).
+  Szegedy, Vanhoucke, Ioffe, Shlens & Wojna (2016), 'Rethinking the Inception Architecture for
+  Computer Vision', arXiv:1512.00567 (label smoothing, in steps.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
 import optax
 
+from jaxnorm import models
 from jaxnorm.functional._checks import check_choice
 
 OPTIMIZERS = ('sgd', 'adam')
 SCHEDULES = ('cosine', 'step', 'constant')
-
-
-def default_decay_mask(params):
-  """True for leaves named ``kernel`` (conv / dense weights), False for everything else.
-
-  Used only where ``jaxnorm.models.decay_mask`` is unavailable.
-
-  Args:
-    params: a parameter pytree (nested dicts).
-
-  Returns:
-    A pytree of bools with the structure of ``params``.
-  """
-  def is_kernel(path, _):
-    last = path[-1]
-    return getattr(last, 'key', getattr(last, 'name', None)) == 'kernel'
-
-  return jax.tree_util.tree_map_with_path(is_kernel, params)
-
-
-def decay_mask_fn():
-  """The decay mask function: ``jaxnorm.models.decay_mask`` if present, else the default."""
-  try:
-    from jaxnorm.models import decay_mask
-  except ImportError:
-    return default_decay_mask
-  return decay_mask
 
 
 def make_schedule(learning_rate: float, total_steps: int, *, schedule: str = 'cosine',
@@ -75,7 +53,9 @@ def make_schedule(learning_rate: float, total_steps: int, *, schedule: str = 'co
     An optax schedule.
 
   References:
-    Loshchilov & Hutter 2017 (SGDR cosine); Goyal et al. 2017 (warmup, step decay).
+    Loshchilov & Hutter (2017), 'SGDR: Stochastic Gradient Descent with Warm Restarts',
+    arXiv:1608.03983; Goyal et al. (2017), 'Accurate, Large Minibatch SGD: Training ImageNet in 1
+    Hour', arXiv:1706.02677.
   """
   check_choice('make_schedule', 'schedule', schedule, SCHEDULES)
   decay_steps = max(total_steps - warmup_steps, 1)
@@ -109,16 +89,19 @@ def make_optimizer(name: str, schedule: optax.Schedule, *, momentum: float = 0.9
     b2: Adam second-moment decay.
     eps: Adam epsilon.
     agc_clip: adaptive gradient clipping threshold (0 disables it).
-    decay_mask: params -> bool pytree of the parameters to decay (default :func:`decay_mask_fn`).
+    decay_mask: params -> bool pytree of the parameters to decay (default
+      :func:`jaxnorm.models.decay_mask`: kernels yes; biases, scales, gains, alphas no).
 
   Returns:
     An ``optax.GradientTransformation``.
 
   References:
-    Loshchilov & Hutter 2019 (AdamW); Brock et al. 2021 (AGC).
+    Loshchilov & Hutter (2019), 'Decoupled Weight Decay Regularization', arXiv:1711.05101;
+    Brock, De, Smith & Simonyan (2021), 'High-Performance Large-Scale Image Recognition Without
+    Normalization', arXiv:2102.06171.
   """
   check_choice('make_optimizer', 'name', name, OPTIMIZERS)
-  mask = decay_mask or decay_mask_fn()
+  mask = models.decay_mask if decay_mask is None else decay_mask
   parts = []
   if agc_clip > 0:
     parts.append(optax.adaptive_grad_clip(agc_clip))
