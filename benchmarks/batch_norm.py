@@ -5,7 +5,7 @@ bias of ``sum(w * bn(x))`` for a fixed random cotangent ``w``) and inside a ResN
 where only the norm layer class differs (convs are ``flax.linen.Conv`` everywhere).
 Target: jaxnorm <= 1.00x flax in time; less XLA peak memory with the closed-form backward.
 
-References: papers.md §0 (closed-form BatchNorm backward); issue 6 item 1.
+See BENCHMARKS.md, section 1 (the closed-form BatchNorm backward of jaxnorm.functional.batch_norm).
 """
 
 from __future__ import annotations

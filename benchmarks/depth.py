@@ -8,9 +8,9 @@ Targets: depth-1202 compile <= 2x depth-20 compile with scan; the default path's
 of the fastest path at every depth that compiles.
 
 The unrolled ResNet-1202 is not attempted: an unrolled depth-998 ResNet did not finish compiling
-in 25 minutes (20 GB) on this machine (ECOSYSTEM.md "Depth: scan vs unrolled").
+in 25 minutes (20 GB) on this machine.
 
-References: issue 6 item 4; ECOSYSTEM.md "Depth: scan vs unrolled (XLA:CPU)".
+See BENCHMARKS.md, section 4.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def run(sizes: Sizes) -> list[Table]:
            f'{depths[0]} scanned compile; default path step <= {STEP_TARGET}x the fastest path '
            'at every depth that compiles.',
            f'Unrolled depth > {UNROLLED_LIMIT} not attempted (unrolled depth 998 did not compile '
-           'in 25 min, ECOSYSTEM.md); batch 16 keeps the depth-1202 step to seconds.'])
+           'in 25 min here); batch 16 keeps the depth-1202 step to seconds.'])
   if sizes.smoke:
     table.notes.insert(0, 'SMOKE sizes; numbers are meaningless')
   base_compile = None

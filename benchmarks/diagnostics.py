@@ -4,7 +4,7 @@ Both on ``jaxnorm.models.cifar_resnet(20)`` with the same parameters and batch. 
 timed as a user calls it (it builds and jits its own forward + backward pass and copies the
 statistics to the host); the training step is the usual jitted SGD step. Target: <= 3x.
 
-References: Brock et al. 2021a (signal propagation plots), papers.md §0; issue 6 item 5.
+References: Brock, De & Smith (2021), arXiv:2101.08692 (signal propagation plots).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Target: jaxnorm's ResNet-20 step no slower than PyTorch's (<= 1.00x).
 
 PyTorch is optional (the ``bench`` extra); without it this section is skipped with a message.
 
-References: He et al. 2016a §4.2; issue 6 item 6.
+References: He et al. 2016a §4.2. See BENCHMARKS.md, section 6.
 """
 
 from __future__ import annotations

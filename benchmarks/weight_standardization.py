@@ -6,8 +6,8 @@
     CIFAR ResNet-34, ``pws_resnet(34, norm=...)``).
 Target for (a) and (b): <= 1.05x ``flax.linen.Conv`` (standardizing the kernel is O(weights)).
 
-References: Qiao et al. (WS), Brock et al. 2021a (Scaled WS), Liu et al. 2021 (PWS), papers.md §5,
-§5b; issue 6 item 3.
+References: Qiao et al. 2019, arXiv:1903.10520 (WS); Brock, De & Smith 2021, arXiv:2101.08692
+(Scaled WS); Liu, Ge, Li & Gui 2021, arXiv:2103.11590 (PWS). See BENCHMARKS.md, section 3.
 """
 
 from __future__ import annotations

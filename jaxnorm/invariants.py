@@ -20,9 +20,9 @@ Each check is built on chex assertions, so it works
 Shape checks (:func:`assert_nhwc`, :func:`assert_hwio`) are static and raise at trace time.
 
 References:
-  BatchNorm statistics: Ioffe & Szegedy (2015), papers.md section 0. Weight standardization:
-  Qiao et al. (2019), Liu et al. (PWS), papers.md sections 5 and 5b. Backward Gradient
-  Normalization: Cabana & Lago-Fernandez (2021), papers.md section 2.
+  BatchNorm statistics: Ioffe & Szegedy (2015), arXiv:1502.03167. Weight standardization:
+  Qiao et al. (2019), arXiv:1903.10520; Liu, Ge, Li & Gui (2021), arXiv:2103.11590. Backward
+  Gradient Normalization: Cabana & Lago-Fernandez (2021), arXiv:2106.09475.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def assert_normalized(x, axes: int | Sequence[int] | None = None, *, mean: float
     atol: absolute tolerance on each channel's mean and variance.
 
   References:
-    BatchNorm, papers.md section 0.
+    BatchNorm, Ioffe & Szegedy (2015), arXiv:1502.03167.
   """
   name = 'assert_normalized'
   _checks.check_floating(f'{_MOD}.{name}', 'x', x)
@@ -99,7 +99,7 @@ def assert_zero_mean_filters(kernel, *, atol: float = 1e-5) -> None:
     atol: absolute tolerance on each filter's mean.
 
   References:
-    Qiao et al. (2019); Liu et al. PWS; papers.md sections 5(a) and 5b.
+    Qiao et al. (2019), arXiv:1903.10520; Liu, Ge, Li & Gui (2021), arXiv:2103.11590.
   """
   name = 'assert_zero_mean_filters'
   _checks.check_floating(f'{_MOD}.{name}', 'kernel', kernel)
@@ -133,7 +133,7 @@ def assert_per_sample_grad_norm(g, target='sqrt_units', *, mode: str = 'per_samp
     allow_zero: also accept samples whose gradient is exactly zero (BGN maps 0 to 0).
 
   References:
-    Cabana & Lago-Fernandez (2021), papers.md section 2(d).
+    Cabana & Lago-Fernandez (2021), arXiv:2106.09475.
   """
   name = 'assert_per_sample_grad_norm'
   bgn_lib.validate_args(mode, target, 1.0, layer=f'{_MOD}.{name}')

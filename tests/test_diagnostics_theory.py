@@ -118,7 +118,7 @@ def test_gradient_recurrence_matches_numpy_backprop_through_bn_resnet():
   grad_var = [g.var(0).mean()]
   for xh, var, w in reversed(cache):
     gr = (g @ w.T) * (xh > 0)
-    # Closed-form BN backward (papers.md §0).
+    # Closed-form BN backward.
     gx = (gr - gr.mean(0) - xh * (gr * xh).mean(0)) / np.sqrt(var + eps)
     g = g + gx
     grad_var.append(g.var(0).mean())
@@ -201,7 +201,7 @@ def test_pws_gain_matches_numpy_kernel_and_paper_table():
   w_hat = math.sqrt(2 / fan) * (w - mu) / np.sqrt(var + gamma)
   np.testing.assert_allclose((w_hat ** 2).sum(0), theory.pws_filter_sum_of_squares(var, gamma),
                              rtol=1e-10)
-  # papers.md §5(a) table: gain^2 relative to He (= value / 2), gamma = 1e-3 and equiv.
+  # PWS (Liu et al. 2021) gain table: gain^2 relative to He (= value / 2), gamma = 1e-3 and equiv.
   rel = theory.pws_gain_per_layer([147, 256, 576, 4608], 1e-3) / 2
   np.testing.assert_allclose(rel, [0.93, 0.88, 0.78, 0.30], atol=0.01)
   np.testing.assert_allclose(theory.pws_gain_per_layer([147, 4608], 0.1, equiv=True) / 2, 1 / 1.1)

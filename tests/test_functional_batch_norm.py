@@ -1,6 +1,6 @@
 """Tests of jaxnorm.functional.batch_norm against numpy and autodiff of the direct formula.
 
-The claims (papers.md §0): biased batch statistics, stable in float32 under a large offset; the
+The claims: biased batch statistics, stable in float32 under a large offset; the
 closed-form backward equals autodiff of the direct formula; the backward's exact identities
 (zero mean, orthogonality to x-hat, the variance formula); ghost batches; multi-device statistics.
 """
@@ -201,7 +201,7 @@ class ClosedFormBackwardTest(parameterized.TestCase):
 
 
 class BackwardIdentitiesTest(parameterized.TestCase):
-  """papers.md §0: exact consequences of the closed form, checked in float64 against numpy."""
+  """Exact consequences of the closed form, checked in float64 against numpy."""
 
   def _grad(self, eps, layout, ghost=None):
     shape, axes = LAYOUTS[layout]

@@ -23,7 +23,7 @@ from jaxnorm.functional.kernel_standardization import (
 
 
 def numpy_standardize(w, method, *, eps=None, scale=None, gamma=1e-5, mode='fan_in', equiv=False):
-  """Independent float64 numpy version of the four formulas (papers.md §5(a), §5b)."""
+  """Independent float64 numpy version of the four formulas (WS, Scaled WS, PWS)."""
   w = np.asarray(w, np.float64)
   cout = w.shape[-1]
   flat = w.reshape(-1, cout)  # (n, Cout): one column per filter
@@ -78,7 +78,7 @@ def test_filter_mean_is_zero_even_with_large_offset(method):
     (4608, 1e-5, 0.98), (576, 1e-4, 0.97)])
 def test_pws_sum_of_squares_reproduces_papers_table(fan_in, gamma, expected):
   # He-initialized kernel: sigma^2 = 2 / fan_in. Per-filter sum of squares of PWS is
-  # 2 alpha^2 sigma^2 / (sigma^2 + gamma) (He value: 2); papers.md §5 lists its ratio to 2.
+  # 2 alpha^2 sigma^2 / (sigma^2 + gamma) (He value: 2); the PWS paper lists its ratio to 2.
   cin = fan_in // 9 if fan_in % 9 == 0 else fan_in // 49 if fan_in % 49 == 0 else fan_in
   k = int(round(np.sqrt(fan_in // cin)))
   w = _kernel((k, k, cin, 8), seed=fan_in, std=np.sqrt(2 / fan_in))
@@ -132,7 +132,7 @@ def test_ws_std_differs_from_ws_by_bessel_factor():
 
 @pytest.mark.parametrize('method', ['ws', 'ws_std', 'scaled_ws', 'pws'])
 def test_kernel_gradient_orthogonal_to_ones_per_filter(method):
-  # The average-gradient component of each filter is projected out (papers.md §5(d)).
+  # The average-gradient component of each filter is projected out (Liu et al. 2021).
   w = _kernel((3, 3, 4, 5), std=0.3)
   target = _kernel((3, 3, 4, 5), seed=1)
   loss = lambda w: jnp.sum(jnp.sin(standardize_kernel(w, method) * 3.0) * target)

@@ -165,7 +165,7 @@ class MultiDeviceTest(parameterized.TestCase):
                           use_running_average=False, mutable=['batch_stats'])
         return jnp.sum(jnp.sin(y) * w), (y, upd['batch_stats'])
       (_, (y, st)), (gp, gx) = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
-      # Gradients of replicated params come back already summed over devices (ECOSYSTEM.md):
+      # Gradients of replicated params come back already summed over devices:
       # no further psum / pmean here.
       return y, st, gp, gx
 

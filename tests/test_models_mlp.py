@@ -22,7 +22,7 @@ def _skip_variances(norm, depth=16, skip_init=None):
 
 @pytest.mark.slow
 def test_batch_norm_skip_variance_grows_linearly_at_init():
-  # De & Smith / papers.md §3: BN makes Var(branch) ~ 1 (He-normal Dense after relu of a unit
+  # De & Smith (2020): BN makes Var(branch) ~ 1 (He-normal Dense after relu of a unit
   # variance input: 2 * E[relu(z)^2] = 1), so Var(x_l) ~ Var(x_0) + l: linear, slope ~ 1.
   var = np.array(_skip_variances('batch_norm'))
   slope, intercept = np.polyfit(np.arange(len(var)), var, 1)
@@ -59,7 +59,7 @@ def test_plain_mlp_taps_every_layer_and_bgn_leaves_the_forward_pass_unchanged(ac
   perts = zero_perturbations(bgn, variables, x)
   g = block_taps(jax.grad(lambda p: head_sum(bgn, p))(perts), 'layer')
   # The tap sits before the BGN node, so its gradient is BGN's output: per-sample L2 norm
-  # sqrt(units) * |g| / (|g| + eps) (papers.md §2, default target 'sqrt_units').
+  # sqrt(units) * |g| / (|g| + eps) (Cabana & Lago-Fernandez 2021, default target 'sqrt_units').
   for tap in g[:-1]:
     np.testing.assert_allclose(jnp.linalg.norm(tap, axis=1), np.sqrt(width), rtol=1e-4)
 

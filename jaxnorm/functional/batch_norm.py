@@ -8,7 +8,7 @@ Training mode, per feature (channel) ``c``, with the statistics taken over the r
   x_hat  = (x - mu) / sqrt(var + eps)
   y      = gamma * x_hat + beta
 
-Its exact backward (papers.md §0), with ``g = dL/dy``::
+Its exact backward, with ``g = dL/dy``::
 
   dL/dx     = gamma / sqrt(var + eps) * (g - mean_B(g) - x_hat * mean_B(g * x_hat))
   dL/dgamma = sum_B(g * x_hat),   dL/dbeta = sum_B(g)
@@ -81,10 +81,12 @@ from each device's local batch (no communication in the normalization itself) an
 returned ``(mean, var)`` are averaged over devices, so replicas keep identical running statistics.
 
 References:
-  Ioffe & Szegedy (2015), "Batch Normalization" (forward, running averages); papers.md §0 (exact
-  backward and its identities; Panigrahi, Chen & Kuo); papers.md §3 and De & Smith (2020), "Batch
+  Ioffe & Szegedy (2015), "Batch Normalization: Accelerating Deep Network Training by Reducing
+  Internal Covariate Shift", arXiv:1502.03167 (forward, running averages, the backward through the
+  statistics); Panigrahi, Chen & Kuo (2018), arXiv:1812.00342 (the backward's identities); De &
+  Smith (2020), "Batch
   Normalization Biases Residual Blocks Towards the Identity Function in Deep Networks" (ghost
-  batch normalization). The backward's closed form is standard algebra ([recon] in papers.md).
+  batch normalization). The closed form is standard algebra, checked against autodiff.
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ def batch_statistics(
       (also selected by a concrete ``mask``).
 
   References:
-    Ioffe & Szegedy (2015); papers.md §0 (biased batch statistics); De & Smith (2020) for ghost
+    Ioffe & Szegedy (2015), arXiv:1502.03167 (biased batch statistics); De & Smith (2020) for ghost
     batches.
   """
   _, _, ghost, xg, gaxes, maskg, stat_axis, stat_groups, sdtype = prepare(
@@ -192,7 +194,7 @@ def normalize(
     The normalized array, shape of ``x``, dtype ``dtype``.
 
   References:
-    Ioffe & Szegedy (2015), Algorithm 2 (inference with population statistics); papers.md §0.
+    Ioffe & Szegedy (2015), arXiv:1502.03167, Algorithm 2 (inference with population statistics).
   """
   axes = reduction_axes(x, axes, named=True)
   check_positive(_LAYER, 'epsilon', epsilon, allow_zero=True)
@@ -254,8 +256,8 @@ def batch_norm(
       statistics (all entries are normalized). With a mask the backward is plain autodiff.
       Fewer than 2 selected values in a channel: ``ValueError`` for a concrete mask, NaN
       statistics and outputs for a traced one (see the module docstring).
-    closed_form_backward: use the closed-form ``jax.custom_vjp`` backward (papers.md §0). It rules
-      out forward-mode AD (``jax.jvp``, ``jax.jacfwd``); pass ``False`` for plain autodiff.
+    closed_form_backward: use the closed-form ``jax.custom_vjp`` backward (module docstring). It
+      rules out forward-mode AD (``jax.jvp``, ``jax.jacfwd``); pass ``False`` for plain autodiff.
       Reverse-over-reverse and forward-over-reverse derivatives are exact either way.
     dtype: output dtype (default: ``x.dtype``; bf16 in gives bf16 out).
     stats_dtype: dtype of the statistics (default: ``promote_types(x.dtype, float32)``).
@@ -272,7 +274,8 @@ def batch_norm(
       the batch, fewer than 2 values per channel (also selected by a concrete ``mask``).
 
   References:
-    Ioffe & Szegedy (2015); papers.md §0 (closed-form backward); De & Smith (2020), papers.md §3
+    Ioffe & Szegedy (2015), arXiv:1502.03167 (closed-form backward); De & Smith (2020),
+    arXiv:2002.10444
     (ghost batch normalization).
 
   Example:

@@ -2,8 +2,8 @@
 
 References:
   Brock, De, Smith, "Characterizing signal propagation to close the performance gap in
-  unnormalized ResNets" (ICLR 2021); deepmind-research ``nfnets/base.py`` ``signal_metrics``;
-  jaxnorm papers.md section 0.
+  unnormalized ResNets" (ICLR 2021), arXiv:2101.08692; deepmind-research ``nfnets/base.py``
+  ``signal_metrics``.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def signal_metrics(x) -> SignalMetrics:
     ``SignalMetrics(avg_sq_mean, avg_var)``, float32 scalars.
 
   References:
-    Brock et al. (2021a), signal propagation plots; deepmind nfnets ``base.signal_metrics``;
-    papers.md section 0.
+    Brock, De & Smith (2021), arXiv:2101.08692, signal propagation plots; deepmind nfnets
+    ``base.signal_metrics``.
   """
   _checks.check_floating(_LAYER, 'x', x)
   if jnp.ndim(x) < 2:

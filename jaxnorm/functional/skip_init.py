@@ -9,7 +9,7 @@ is ``alpha <~ 1/sqrt(d)``).
 References:
   De & Smith, "Batch Normalization Biases Residual Blocks Towards the Identity Function in Deep
   Networks" (NeurIPS 2020, arXiv 2002.10444), section 4; deepmind-research
-  ``nfnets/skipinit_resnet.py``; jaxnorm papers.md section 3.
+  ``nfnets/skipinit_resnet.py``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def scale_branch(x, gain, dtype=None):
     ``gain * x`` in ``dtype``.
 
   References:
-    De & Smith (2020), SkipInit; papers.md section 3(a).
+    De & Smith (2020), arXiv:2002.10444, SkipInit.
   """
   _checks.check_floating('SkipInit', 'x', x)
   out_dtype = x.dtype if dtype is None else dtype

@@ -5,8 +5,9 @@ A thin shell: it owns the parameters (``params``: ``scale``, ``bias``) and the r
 ``jaxnorm.functional.batch_norm`` for the math.
 
 References:
-  Ioffe & Szegedy (2015); papers.md §0 (closed-form backward); De & Smith (2020), papers.md §3
-  (ghost batch normalization).
+  Ioffe & Szegedy (2015), arXiv:1502.03167 (the closed-form backward is that of
+  ``jaxnorm.functional.batch_norm``); De & Smith (2020), arXiv:2002.10444 (ghost batch
+  normalization).
 """
 
 from __future__ import annotations
@@ -81,10 +82,12 @@ class BatchNorm(nn.Module):
       statistics in float32 (Flax's default). If False, in the input / ``dtype`` precision.
     ghost_batch_size: if set, statistics per group of this many consecutive examples (axis 0),
       the ghost batch normalization of De & Smith; running averages use the group averages.
-    closed_form_backward: use the closed-form ``jax.custom_vjp`` backward (papers.md §0).
+    closed_form_backward: use the closed-form ``jax.custom_vjp`` backward
+      (``jaxnorm.functional.batch_norm``).
 
   References:
-    Ioffe & Szegedy (2015); papers.md §0; De & Smith (2020) (ghost batch normalization).
+    Ioffe & Szegedy (2015), arXiv:1502.03167; De & Smith (2020), arXiv:2002.10444 (ghost batch
+    normalization).
 
   Example:
     >>> import jax, jax.numpy as jnp

@@ -2,8 +2,7 @@
 
 References:
   De & Smith, "Batch Normalization Biases Residual Blocks Towards the Identity Function in Deep
-  Networks" (NeurIPS 2020, arXiv 2002.10444); deepmind-research ``nfnets/skipinit_resnet.py``;
-  jaxnorm papers.md section 3.
+  Networks" (NeurIPS 2020, arXiv 2002.10444); deepmind-research ``nfnets/skipinit_resnet.py``.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ class SkipInit(nn.Module):
 
   References:
     De & Smith (2020), section 4 "SkipInit"; deepmind ``SkipInit_ResNet`` (``skip_gain``, shape
-    ``()``, init zeros); papers.md section 3(a).
+    ``()``, init zeros).
   """
 
   init_value: float = 0.0

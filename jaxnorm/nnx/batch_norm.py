@@ -1,8 +1,9 @@
 """``BatchNorm`` for Flax NNX: the layer of ``jaxnorm.linen.BatchNorm`` as an ``nnx.Module``.
 
 References:
-  Ioffe & Szegedy (2015); papers.md §0 (closed-form backward); De & Smith (2020), papers.md §3
-  (ghost batch normalization).
+  Ioffe & Szegedy (2015), arXiv:1502.03167 (the closed-form backward is that of
+  ``jaxnorm.functional.batch_norm``); De & Smith (2020), arXiv:2002.10444 (ghost batch
+  normalization).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class BatchNorm(nnx.Module):
     scale_metadata: metadata of the ``scale`` ``nnx.Param``.
 
   References:
-    Ioffe & Szegedy (2015); papers.md §0; De & Smith (2020).
+    Ioffe & Szegedy (2015), arXiv:1502.03167; De & Smith (2020), arXiv:2002.10444.
   """
 
   def __init__(

@@ -2,7 +2,7 @@
 
 References:
   De & Smith, "Batch Normalization Biases Residual Blocks Towards the Identity Function in Deep
-  Networks" (NeurIPS 2020); jaxnorm papers.md section 3.
+  Networks" (NeurIPS 2020).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class SkipInit(nnx.Module):
     rngs: accepted for signature uniformity with other NNX layers; unused (deterministic init).
 
   References:
-    De & Smith (2020), SkipInit; papers.md section 3(a).
+    De & Smith (2020), arXiv:2002.10444, SkipInit.
   """
 
   def __init__(self, init_value: float = 0.0, *, dtype: Any = None,
