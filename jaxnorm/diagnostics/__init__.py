@@ -13,10 +13,10 @@ gap in unnormalized ResNets", arXiv:2101.08692; the modules' docstrings cite the
 """
 
 from jaxnorm.diagnostics import theory as theory
-from jaxnorm.diagnostics.signal_propagation import ModuleStats as ModuleStats
-from jaxnorm.diagnostics.signal_propagation import SignalReport as SignalReport
-from jaxnorm.diagnostics.signal_propagation import TapStats as TapStats
 from jaxnorm.diagnostics.signal_propagation import signal_propagation as signal_propagation
+from jaxnorm.diagnostics.signal_report import ModuleStats as ModuleStats
+from jaxnorm.diagnostics.signal_report import SignalReport as SignalReport
+from jaxnorm.diagnostics.signal_report import TapStats as TapStats
 from jaxnorm.diagnostics.spectra import (
   gaussian_product_singular_values as gaussian_product_singular_values,
 )

@@ -3,8 +3,12 @@
 Uses the non-interactive Agg backend (no display needed) and writes PNG files.
 
 References:
-  Brock, De & Smith 2021a (signal propagation plots), papers.md §0; De & Smith 2020 (§3);
-  Panigrahi et al. 2018 (§1).
+  Brock, De & Smith (2021), "Characterizing signal propagation to close the performance gap in
+  unnormalized ResNets", arXiv:2101.08692 (signal propagation plots).
+  De & Smith (2020), "Batch Normalization Biases Residual Blocks Towards the Identity Function in
+  Deep Networks", arXiv:2002.10444 (the skip-path variance of BatchNorm ResNets).
+  Panigrahi, Chen & Kuo (2018), "Analysis on Gradient Propagation in Batch Normalized Residual
+  Networks", arXiv:1812.00342 (per-block gradient variance).
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ def plot_per_block(ax, curves: Mapping[str, Sequence[float]],
       matplotlib colour cycle in the order of ``curves``.
 
   References:
-    Brock et al. 2021a SPPs (papers.md §0).
+    Brock, De & Smith (2021), "Characterizing signal propagation to close the performance gap in
+    unnormalized ResNets", arXiv:2101.08692 (signal propagation plots).
   """
   theory = theory or {}
   cycle = plt.rcParams['axes.prop_cycle'].by_key()['color']
@@ -79,7 +84,8 @@ def save_per_block_figure(path: str, panels: Sequence[Mapping], *, ncols: int = 
     ``path``.
 
   References:
-    Brock et al. 2021a SPPs (papers.md §0).
+    Brock, De & Smith (2021), "Characterizing signal propagation to close the performance gap in
+    unnormalized ResNets", arXiv:2101.08692 (signal propagation plots).
   """
   if not panels:
     fail(_LAYER, 'panels', 'at least one panel', panels)

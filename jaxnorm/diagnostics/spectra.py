@@ -6,8 +6,8 @@ a product of M Gaussian matrices pile up near 0 while the largest one grows to
 number of the input-output map grows with depth.
 
 References:
-  Bjorck, Gomes, Selman & Weinberger 2018 (arXiv 1806.02375), papers.md §4(a) "Random matrix
-  theory".
+  Bjorck, Gomes, Selman & Weinberger (2018), "Understanding Batch Normalization",
+  arXiv:1806.02375 (the comparison with random-matrix theory).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def gaussian_product_singular_values(key: jax.Array, size: int, num_matrices: in
     float32 array ``(num_samples, size)`` of singular values, descending in each row.
 
   References:
-    Bjorck et al. 2018, papers.md §4(a): quarter circle on [0, 2] for M = 1, a stretched tail for
-    larger M.
+    Bjorck, Gomes, Selman & Weinberger (2018), "Understanding Batch Normalization",
+    arXiv:1806.02375: quarter circle on [0, 2] for M = 1, a stretched tail for larger M.
   """
   if not isinstance(size, int) or size < 1:
     fail(_LAYER, 'size', 'a positive int', repr(size))
@@ -69,7 +69,8 @@ def jacobian_singular_values(fn: Callable[[jax.Array], jax.Array], x: jax.Array)
     Descending singular values, length ``min(out.size, x.size)``.
 
   References:
-    Bjorck et al. 2018, papers.md §4(a).
+    Bjorck, Gomes, Selman & Weinberger (2018), "Understanding Batch Normalization",
+    arXiv:1806.02375.
   """
   x = jnp.asarray(x)
 
@@ -96,7 +97,8 @@ def layer_jacobian_spectra(layers: Sequence[Callable[[jax.Array], jax.Array]],
     ``{'layer': [...], 'product': [...]}``: lists of numpy arrays of descending singular values.
 
   References:
-    Bjorck et al. 2018, papers.md §4(a) (products of layer Jacobians vs products of Gaussians).
+    Bjorck, Gomes, Selman & Weinberger (2018), "Understanding Batch Normalization",
+    arXiv:1806.02375 (products of layer Jacobians vs products of Gaussians).
   """
   if not layers:
     fail(_LAYER, 'layers', 'a non-empty sequence of callables', layers)

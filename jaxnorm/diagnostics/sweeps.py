@@ -1,8 +1,8 @@
 """Bjorck et al.'s measurements: relative-loss sweeps, channel statistics by depth, logit gradients.
 
 References:
-  Bjorck, Gomes, Selman & Weinberger 2018, "Understanding Batch Normalization" (arXiv 1806.02375),
-  papers.md §4(a) and §4(d).
+  Bjorck, Gomes, Selman & Weinberger (2018), "Understanding Batch Normalization",
+  arXiv:1806.02375.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def relative_loss_sweep(loss_fn: Callable[[Any, Any], jax.Array], params, batche
     ``(step_sizes (S,), ratios (len(batches), S))`` as numpy float64 arrays (inf/NaN kept).
 
   References:
-    Bjorck et al. 2018, papers.md §4(a) "Relative loss".
+    Bjorck, Gomes, Selman & Weinberger (2018), "Understanding Batch Normalization",
+    arXiv:1806.02375 (the relative loss of one gradient step).
   """
   if not batches:
     fail(_LAYER, 'batches', 'at least one batch', batches)
@@ -78,13 +79,14 @@ def divergence_step_size(step_sizes, ratios, threshold: float = 1e3) -> float:
   Args:
     step_sizes: ``(S,)`` increasing grid.
     ratios: ``(B, S)`` or ``(S,)`` relative losses.
-    threshold: divergence threshold (1e3 in Bjorck et al., [3p]).
+    threshold: divergence threshold (1e3, as read from a third-party summary of Bjorck et al.).
 
   Returns:
     The step size, or ``inf`` if no step diverges.
 
   References:
-    Bjorck et al. 2018, papers.md §4(a)/(d).
+    Bjorck, Gomes, Selman & Weinberger (2018), "Understanding Batch Normalization",
+    arXiv:1806.02375 (the learning rates at which training diverges).
   """
   r = np.atleast_2d(np.asarray(ratios, np.float64))
   bad = np.any(~np.isfinite(r) | (r > threshold), axis=0)
@@ -104,7 +106,8 @@ def classification_loss_fn(model: nn.Module, variables: Mapping[str, Any], *,
     A loss function for ``relative_loss_sweep``.
 
   References:
-    Bjorck et al. 2018, papers.md §4(a).
+    Bjorck, Gomes, Selman & Weinberger (2018), "Understanding Batch Normalization",
+    arXiv:1806.02375.
   """
   rest = {k: v for k, v in variables.items()
           if k not in ('params', 'intermediates', 'perturbations')}
@@ -157,7 +160,8 @@ def channel_stats_by_depth(model: nn.Module, variables: Mapping[str, Any], x, *,
     ``ChannelStats``.
 
   References:
-    Bjorck et al. 2018, papers.md §4(a) "Channel mean/std vs depth".
+    Bjorck, Gomes, Selman & Weinberger (2018), "Understanding Batch Normalization",
+    arXiv:1806.02375 (channel means and standard deviations against depth).
   """
   base = {k: v for k, v in variables.items() if k not in ('intermediates', 'perturbations')}
   state = [k for k in base if k != 'params'] if train else []
@@ -198,7 +202,8 @@ def logit_gradient_map(model: nn.Module, variables: Mapping[str, Any], x, labels
     and ``majority_prediction_fraction``.
 
   References:
-    Bjorck et al. 2018, papers.md §4(a) "Output-layer gradient heat map", §4(d).
+    Bjorck, Gomes, Selman & Weinberger (2018), "Understanding Batch Normalization",
+    arXiv:1806.02375 (the heat map of output-layer gradients).
   """
   base = {k: v for k, v in variables.items() if k not in ('intermediates', 'perturbations')}
   state = ([k for k in base if k != 'params'] or False) if train else False

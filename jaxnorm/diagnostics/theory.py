@@ -6,13 +6,20 @@ it can be overlaid on measurements (``jaxnorm.diagnostics.plots``) and asserted 
 Conventions. A residual network is a stem followed by blocks ``x_{l+1} = x_l + alpha * f_l(x_l)``,
 ``l = 0 .. L-1``. Per-block arrays have length ``L + 1``: index 0 is the stem output (the input of
 the first block), index ``l + 1`` the skip path after block ``l``. The statistics are those of
-``jaxnorm.functional.signal_metrics`` / papers.md §0: ``avg_var`` = mean over channels of the batch
-variance, ``avg_sq_mean`` = mean over channels of the squared batch mean.
+``jaxnorm.functional.signal_metrics`` (those of Brock, De & Smith 2021): ``avg_var`` = mean over
+channels of the batch variance, ``avg_sq_mean`` = mean over channels of the squared batch mean.
 
 References:
-  De & Smith 2020 (arXiv 2002.10444), papers.md §3; Brock, De & Smith 2021a (NF-ResNets), papers.md
-  §5b; Panigrahi, Chen & Kuo 2018 (arXiv 1812.00342), papers.md §1(a); Bjorck et al. 2018
-  (arXiv 1806.02375), papers.md §4; Liu, Ge, Li & Gui 2021 (PWS), papers.md §5(a).
+  De & Smith (2020), "Batch Normalization Biases Residual Blocks Towards the Identity Function in
+  Deep Networks", arXiv:2002.10444 (SkipInit).
+  Brock, De & Smith (2021), "Characterizing signal propagation to close the performance gap in
+  unnormalized ResNets", arXiv:2101.08692 (NF-ResNets).
+  Panigrahi, Chen & Kuo (2018), "Analysis on Gradient Propagation in Batch Normalized Residual
+  Networks", arXiv:1812.00342.
+  Bjorck, Gomes, Selman & Weinberger (2018), "Understanding Batch Normalization",
+  arXiv:1806.02375.
+  Liu, Ge, Li & Gui (2021), "Delving into Variance Transmission and Normalization: Shift of
+  Average Gradient Makes the Network Collapse", AAAI 2021, arXiv:2103.11590 (PWS).
 """
 
 from __future__ import annotations
@@ -61,7 +68,8 @@ def relu_moments(mu, var):
     ``(first_moment, second_moment)`` as numpy arrays.
 
   References:
-    Standard identity; used by every residual recurrence below (papers.md §3, §5b).
+    Standard identity (the moments of a rectified Gaussian); used by every residual recurrence
+    below.
   """
   mu = np.asarray(mu, np.float64)
   s = np.sqrt(np.asarray(var, np.float64))
@@ -81,15 +89,17 @@ def residual_skip_moments(num_blocks: int, *, norm: str = 'batch_norm', alpha: f
                           var0: float = 1.0, sq_mean0: float = 0.0) -> dict[str, np.ndarray]:
   """Predicted skip-path ``avg_var`` / ``avg_sq_mean`` per block of a pre-activation residual net.
 
-  Model (the MLP analogue of a pre-activation ResNet, papers.md §3 and §5b "SPP predictions"):
+  Model (the MLP analogue of the pre-activation ResNets of De & Smith 2020 and of the signal
+  propagation plots of Brock, De & Smith 2021):
   ``x_{l+1} = x_l + alpha * W_l relu(N(x_l))`` with ``W_l`` He-normal (variance ``2 / fan_in``),
   ``N`` = per-channel BatchNorm (``norm='batch_norm'``) or the identity (``norm='none'``).
 
-  Derivation [recon]. Model each channel ``j`` of ``x_l`` over the batch as ``N(mu_j, v)`` with the
-  channel means ``mu_j ~ N(0, S)`` across channels, so ``avg_var = v`` and ``avg_sq_mean = S``. Let
-  ``m_j = mean_B relu(N(x)_j)`` and ``s_j = mean_B relu(N(x)_j)^2``. Averaging over the fresh,
-  independent ``W_l``, the branch output ``h_c = sum_j W_cj relu(.)_j`` has squared channel mean
-  ``2 E_j[m_j^2]`` and channel variance ``2 E_j[s_j - m_j^2]``, and is uncorrelated with ``x_l``, so
+  Derivation (a reconstruction, not the papers' text). Model each channel ``j`` of ``x_l`` over the
+  batch as ``N(mu_j, v)`` with the channel means ``mu_j ~ N(0, S)`` across channels, so
+  ``avg_var = v`` and ``avg_sq_mean = S``. Let ``m_j = mean_B relu(N(x)_j)`` and
+  ``s_j = mean_B relu(N(x)_j)^2``. Averaging over the fresh, independent ``W_l``, the branch output
+  ``h_c = sum_j W_cj relu(.)_j`` has squared channel mean ``2 E_j[m_j^2]`` and channel variance
+  ``2 E_j[s_j - m_j^2]``, and is uncorrelated with ``x_l``, so
 
       v_{l+1} = v_l + alpha^2 * 2 E_j[s_j - m_j^2],     S_{l+1} = S_l + alpha^2 * 2 E_j[m_j^2].
 
@@ -114,9 +124,11 @@ def residual_skip_moments(num_blocks: int, *, norm: str = 'batch_norm', alpha: f
     ``res_avg_var`` (length L: variance of the branch output *before* ``alpha``).
 
   References:
-    De & Smith 2020, papers.md §3(a) (sqrt(depth) argument, SkipInit); Brock et al. 2021a SPPs,
-    papers.md §5b "SPP predictions at init" (+0.68 / +0.32 per block). The (v, S) split for the
-    unnormalized net is a reconstruction.
+    De & Smith (2020), "Batch Normalization Biases Residual Blocks Towards the Identity Function in
+    Deep Networks", arXiv:2002.10444 (the sqrt(depth) argument, SkipInit).
+    Brock, De & Smith (2021), "Characterizing signal propagation to close the performance gap in
+    unnormalized ResNets", arXiv:2101.08692 (signal propagation plots at initialization:
+    +0.68 / +0.32 per block). The (v, S) split for the unnormalized net is a reconstruction.
   """
   num_blocks = _check_depth('num_blocks', num_blocks)
   check_choice(_LAYER, 'norm', norm, RESIDUAL_NORMS)
@@ -154,7 +166,10 @@ def bn_preactivation_slopes(alpha: float = 1.0) -> dict[str, float]:
     ``{'avg_var': ..., 'avg_sq_mean': ...}`` slopes per block.
 
   References:
-    De & Smith 2020 (papers.md §3); Brock et al. 2021a (papers.md §5b, +0.68 / +0.32).
+    De & Smith (2020), "Batch Normalization Biases Residual Blocks Towards the Identity Function in
+    Deep Networks", arXiv:2002.10444.
+    Brock, De & Smith (2021), "Characterizing signal propagation to close the performance gap in
+    unnormalized ResNets", arXiv:2101.08692 (+0.68 / +0.32 per block).
   """
   a2 = float(alpha) ** 2
   return {'avg_var': a2 * 2.0 * RELU_VAR, 'avg_sq_mean': a2 * 2.0 * RELU_MEAN ** 2}
@@ -173,7 +188,8 @@ def unnormalized_growth_factor(alpha: float = 1.0) -> float:
     The per-block growth factor.
 
   References:
-    De & Smith 2020, papers.md §3(a).
+    De & Smith (2020), "Batch Normalization Biases Residual Blocks Towards the Identity Function in
+    Deep Networks", arXiv:2002.10444 (the sqrt(depth) argument).
   """
   return 1.0 + float(alpha) ** 2
 
@@ -194,7 +210,9 @@ def nf_expected_variance(num_blocks: int, alpha: float = 0.2) -> np.ndarray:
     numpy array of length ``num_blocks``.
 
   References:
-    Brock, De & Smith 2021a, deepmind nfnets/nf_resnet.py (expected_std bookkeeping), papers.md §5b.
+    Brock, De & Smith (2021), "Characterizing signal propagation to close the performance gap in
+    unnormalized ResNets", arXiv:2101.08692; deepmind-research ``nfnets/nf_resnet.py`` (the
+    ``expected_std`` bookkeeping).
   """
   num_blocks = _check_depth('num_blocks', num_blocks)
   return 1.0 + (np.arange(num_blocks) + 1.0) * float(alpha) ** 2
@@ -205,20 +223,21 @@ def gradient_variance_recurrence(avg_var: np.ndarray, *, norm: str = 'batch_norm
                                  grad_sq_mean_out: float = 0.0) -> dict[str, np.ndarray]:
   """Predicted ``grad_var`` / ``grad_sq_mean`` of dL/d(skip path), from the last block backwards.
 
-  [recon] Panigrahi et al.'s text is not available; this is the reconstruction of papers.md §1(a),
-  specialised to pre-activation blocks ``x_{l+1} = x_l + alpha W relu(BN(x_l))`` (He-normal W):
+  A reconstruction (the paper's text is not available) of the gradient-variance analysis of
+  Panigrahi, Chen & Kuo (2018), specialised to pre-activation blocks
+  ``x_{l+1} = x_l + alpha W relu(BN(x_l))`` (He-normal W):
 
   * BatchNorm: the branch's backward is ``(alpha / sigma_l) P D W^T g`` with ``D`` the ReLU mask
     ``d = 1[z > 0]`` of the normalized input ``z ~ N(0, 1)`` and ``P`` the BN projection, which
-    removes, per channel, the batch mean and the component along ``z`` (papers.md §0). Write the
-    incoming gradient per channel as its batch mean plus a fluctuation (``grad_sq_mean`` and
-    ``grad_var`` of the tap). The fresh He-normal ``W^T`` doubles both: ``r_bj = mu_j + e_bj``,
-    ``E_j mu_j^2 = 2 grad_sq_mean``, ``Var e = 2 grad_var``. Through the mask (independent of
-    ``r``), ``d e`` has variance ``grad_var`` (the mask halves ``2 grad_var``), while ``d mu_j``
-    has batch variance ``mu_j^2 Var(d) = mu_j^2 / 4``, of which ``P`` also removes the part
-    along ``z``, ``mu_j^2 Cov(d, z)^2 = mu_j^2 / (2 pi)``; the branch's gradient has zero batch
-    mean. So, with ``sigma_l^2 = avg_var_l`` and ``k = 2 (1/4 - 1/(2 pi)) = 1/2 - 1/pi``
-    (``BN_GRAD_MEAN_WEIGHT``):
+    removes, per channel, the batch mean and the component along ``z`` (the BatchNorm backward
+    pass). Write the incoming gradient per channel as its batch mean plus a fluctuation
+    (``grad_sq_mean`` and ``grad_var`` of the tap). The fresh He-normal ``W^T`` doubles both:
+    ``r_bj = mu_j + e_bj``, ``E_j mu_j^2 = 2 grad_sq_mean``, ``Var e = 2 grad_var``. Through the
+    mask (independent of ``r``), ``d e`` has variance ``grad_var`` (the mask halves
+    ``2 grad_var``), while ``d mu_j`` has batch variance ``mu_j^2 Var(d) = mu_j^2 / 4``, of which
+    ``P`` also removes the part along ``z``, ``mu_j^2 Cov(d, z)^2 = mu_j^2 / (2 pi)``; the
+    branch's gradient has zero batch mean. So, with ``sigma_l^2 = avg_var_l`` and
+    ``k = 2 (1/4 - 1/(2 pi)) = 1/2 - 1/pi`` (``BN_GRAD_MEAN_WEIGHT``):
 
         grad_sq_mean_l = grad_sq_mean_{l+1}
         grad_var_l = grad_var_{l+1} + alpha^2 (grad_var_{l+1} + k grad_sq_mean_{l+1}) / avg_var_l
@@ -241,7 +260,9 @@ def gradient_variance_recurrence(avg_var: np.ndarray, *, norm: str = 'batch_norm
     dict with numpy arrays ``grad_var`` and ``grad_sq_mean``, length L + 1, index as ``avg_var``.
 
   References:
-    Panigrahi, Chen & Kuo 2018 (arXiv 1812.00342), papers.md §1(a) steps 1-3 [recon].
+    Panigrahi, Chen & Kuo (2018), "Analysis on Gradient Propagation in Batch Normalized Residual
+    Networks", arXiv:1812.00342; the recurrence is a reconstruction (the paper's text is not
+    available).
   """
   check_choice(_LAYER, 'norm', norm, RESIDUAL_NORMS)
   avg_var = np.asarray(avg_var, np.float64)
@@ -272,7 +293,9 @@ def bn_gradient_growth_exponent(alpha: float = 1.0) -> float:
     The exponent p.
 
   References:
-    Panigrahi et al. 2018, papers.md §1(a) step 3 [recon].
+    Panigrahi, Chen & Kuo (2018), "Analysis on Gradient Propagation in Batch Normalized Residual
+    Networks", arXiv:1812.00342; a reconstruction (the paper's text is not available), from
+    ``gradient_variance_recurrence``.
   """
   del alpha
   return 1.0 / (2.0 * RELU_VAR)
@@ -282,11 +305,13 @@ def plain_bn_gradient_growth() -> float:
   """Per-layer gradient-variance growth of a plain (no-skip) ReLU BN network: ``pi / (pi - 1)``.
 
   Returns:
-    ``pi / (pi - 1) ~ 1.467`` (Yang et al. 2019, quoted in papers.md §1(a) step 3).
+    ``pi / (pi - 1) ~ 1.467`` (Yang et al. 2019).
 
   References:
-    Yang, Pennington, Rao, Sohl-Dickstein, Schoenholz 2019 "A mean field theory of batch
-    normalization"; papers.md §1(a).
+    Yang, Pennington, Rao, Sohl-Dickstein & Schoenholz (2019), "A Mean Field Theory of Batch
+    Normalization", ICLR 2019, arXiv:1902.08129 (the plain network, beside the residual one of
+    Panigrahi, Chen & Kuo (2018), "Analysis on Gradient Propagation in Batch Normalized Residual
+    Networks", arXiv:1812.00342).
   """
   return math.pi / (math.pi - 1.0)
 
@@ -305,7 +330,8 @@ def gaussian_product_max_singular_value(num_matrices: int) -> float:
     The limiting largest singular value.
 
   References:
-    Bjorck, Gomes, Selman & Weinberger 2018, papers.md §4(a) "Random matrix theory" and §4(d).
+    Bjorck, Gomes, Selman & Weinberger (2018), "Understanding Batch Normalization",
+    arXiv:1806.02375 (the comparison with random-matrix theory).
   """
   m = _check_depth('num_matrices', num_matrices)
   if m < 1:
@@ -330,7 +356,9 @@ def pws_filter_sum_of_squares(sigma2, gamma: float, alpha: float = 1.0):
     The sum of squares, same shape as ``sigma2``.
 
   References:
-    Liu, Ge, Li & Gui 2021 (PWS), lyxzzz/PWSConv pws_layer.py; papers.md §5(a) "numeric subtlety".
+    Liu, Ge, Li & Gui (2021), "Delving into Variance Transmission and Normalization: Shift of
+    Average Gradient Makes the Network Collapse", AAAI 2021, arXiv:2103.11590; the reference
+    implementation, lyxzzz/PWSConv ``pws_layer.py`` (``gamma`` inside the square root).
   """
   gamma = np.asarray(gamma, np.float64)
   if np.any(gamma < 0):
@@ -344,8 +372,8 @@ def pws_gain_per_layer(fan_ins, gamma: float, *, equiv: bool = False) -> np.ndar
 
   At init the raw weights have ``sigma^2 = 2 / fan`` (kaiming normal); with ``equiv=True`` the
   reference implementation uses ``gamma * 2 / fan``, which gives the depth-independent
-  ``2 / (1 + gamma)``. Dividing by 2 gives papers.md's table of "gain^2 relative to He"
-  (e.g. fan 4608 with gamma 1e-3: 0.30).
+  ``2 / (1 + gamma)``. Dividing by 2 gives the squared gain relative to He init (e.g. fan 4608
+  with gamma 1e-3: 0.30).
 
   Args:
     fan_ins: sequence of fan-ins (kh * kw * C_in).
@@ -356,7 +384,8 @@ def pws_gain_per_layer(fan_ins, gamma: float, *, equiv: bool = False) -> np.ndar
     numpy array, one value per layer (2 = He init preserved).
 
   References:
-    PWS (Liu et al. 2021), papers.md §5(a) table.
+    Liu, Ge, Li & Gui (2021), "Delving into Variance Transmission and Normalization: Shift of
+    Average Gradient Makes the Network Collapse", AAAI 2021, arXiv:2103.11590.
   """
   fans = np.asarray(fan_ins, np.float64)
   if np.any(fans <= 0):

@@ -1,9 +1,10 @@
 """Statistics of weights: the PWS paper's "shift" of the average weight.
 
 References:
-  Liu, Ge, Li & Gui 2021, "Delving into Variance Transmission and Normalization: Shift of Average
-  Gradient Makes the Network Collapse" (AAAI), lyxzzz/PWSConv_backup tf_layer.py
-  ``wn_conv.__cal_shift``; papers.md §5(a) "Shift diagnostic".
+  Liu, Ge, Li & Gui (2021), "Delving into Variance Transmission and Normalization: Shift of
+  Average Gradient Makes the Network Collapse", AAAI 2021, arXiv:2103.11590 (the shift
+  diagnostic); the authors' TensorFlow code, lyxzzz/PWSConv_backup ``tf_layer.py``,
+  ``wn_conv.__cal_shift``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def shift_statistic(kernel: jax.Array) -> jax.Array:
     float32 scalar (population variance over the output channels).
 
   References:
-    PWS (Liu et al. 2021), TF ``__cal_shift``: ``shift = Var_o(n * mean(W_o))``, papers.md §5(a).
+    Liu, Ge, Li & Gui (2021), "Delving into Variance Transmission and Normalization: Shift of
+    Average Gradient Makes the Network Collapse", AAAI 2021, arXiv:2103.11590; their TensorFlow
+    ``__cal_shift``: ``shift = Var_o(n * mean(W_o))``.
   """
   check_floating(_LAYER, 'kernel', kernel)
   if jnp.ndim(kernel) < 2:

@@ -245,7 +245,8 @@ def _check_preset(layer: str, **counts) -> None:
 def _regularized(kw: dict, regularized: bool) -> dict:
   """Regularized SkipInit (De & Smith): SkipInit(0) + conv biases + dropout before the head.
 
-  The dropout rate is not recoverable from the public material ([recon]: 0.2 by default here).
+  The dropout rate is not recoverable from the public material (a reconstruction: 0.2 by default
+  here).
   """
   if regularized:
     if kw.get('skip_init') is None:
