@@ -26,7 +26,7 @@ def test_shift_statistic_of_a_filter_offset_is_n_squared_times_its_variance():
 
 @pytest.mark.parametrize('method', ['pws', 'ws', 'scaled_ws'])
 def test_shift_statistic_of_a_standardized_kernel_is_zero(method):
-  ks = pytest.importorskip('jaxnorm.functional.kernel_standardization')
+  ks = pytest.importorskip('jaxnorm.functional._kernel_standardization')
   raw = jax.random.normal(jax.random.key(0), (3, 3, 16, 8)) * 0.05 + jnp.linspace(-0.3, 0.3, 8)
   assert float(shift_statistic(raw)) > 1.0
   std = ks.standardize_kernel(raw, method)

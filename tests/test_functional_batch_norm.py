@@ -18,7 +18,7 @@ from absl.testing import parameterized
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxnorm.functional.batch_norm import batch_norm, batch_statistics, normalize
+from jaxnorm.functional._batch_norm import batch_norm, batch_statistics, normalize
 
 # (shape, reduction axes): NHWC, NC and NCHW layouts.
 LAYOUTS = {

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxnorm.functional.conv import _dimension_numbers, conv, resolve_padding
+from jaxnorm.functional._conv import _dimension_numbers, conv, resolve_padding
 
 
 def numpy_conv(x, w, strides, pads, dilation=(1, 1)):
@@ -256,7 +256,7 @@ def test_bad_inputs_raise():
 def test_kernel_gradient_summed_over_batch_chunks_equals_autodiff_float64(s, groups):
   # Batch 64 >= KERNEL_GRAD_MIN_BATCH: the kernel gradient runs as a scan over 8 chunks of 8
   # (also for a depthwise conv: 3 channels, 3 groups).
-  from jaxnorm.functional import conv as conv_module
+  from jaxnorm.functional import _conv as conv_module
 
   assert conv_module.KERNEL_GRAD_BATCH_CHUNK == 8 and conv_module.KERNEL_GRAD_MIN_BATCH <= 64
   with jax.enable_x64(True):
@@ -273,7 +273,7 @@ def test_kernel_gradient_summed_over_batch_chunks_equals_autodiff_float64(s, gro
 def test_kernel_gradient_chunks_of_bfloat16_round_once():
   # bf16 x and g: the chunked kernel gradient is accumulated in float32 and rounded once, so it is
   # the float32 result of the same bf16 values to within one bf16 rounding (2^-8 relative).
-  from jaxnorm.functional import conv as conv_module
+  from jaxnorm.functional import _conv as conv_module
 
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(64, 6, 6, 4)), jnp.bfloat16)

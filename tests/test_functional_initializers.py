@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnorm.functional import initializers
+from jaxnorm.functional import _initializers as initializers
 
 SHAPES = [(3, 3, 4, 8), (1, 1, 16, 32), (5, 7, 2, 3, 4), (3, 3, 16)]
 

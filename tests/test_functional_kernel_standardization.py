@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnorm.functional.kernel_standardization import (
+from jaxnorm.functional._kernel_standardization import (
     check_fan_in,
     check_stabilizer,
     pws_fan,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from jaxnorm.functional.signal_metrics import SignalMetrics, signal_metrics
+from jaxnorm.functional._signal_metrics import SignalMetrics, signal_metrics
 
 
 def _np_metrics(x):

@@ -22,7 +22,7 @@ import optax
 
 from jaxnorm.diagnostics.module_taps import accepts_argument
 from jaxnorm.functional._checks import fail
-from jaxnorm.functional.signal_metrics import signal_metrics
+from jaxnorm.functional._signal_metrics import signal_metrics
 from jaxnorm.models.stacking import SCANNED, unstack_blocks
 
 LAYER = 'signal_propagation'

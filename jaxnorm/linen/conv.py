@@ -30,11 +30,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxnorm.functional import initializers
+from jaxnorm.functional import _initializers as initializers
 from jaxnorm.functional._checks import check_choice, fail
+from jaxnorm.functional._conv import PaddingLike, conv
 from jaxnorm.functional._conv_layout import canonical_kernel_size, check_groups, flatten_batch
-from jaxnorm.functional.conv import PaddingLike, conv
-from jaxnorm.functional.kernel_standardization import (
+from jaxnorm.functional._kernel_standardization import (
   FAN_MODES,
   check_fan_in,
   check_stabilizer,
@@ -318,7 +318,7 @@ class PWSConv(_ConvBase):
   constant init batch, or ``fan_in = 1``), ``sqrt(2 / var)`` is not finite: alpha then falls back
   to its default **1.0** and a ``UserWarning`` naming ``PWSConv`` and ``init_alpha`` is emitted
   (under ``jit`` the fallback still applies and the warning comes from ``jax.debug.callback``);
-  see :func:`jaxnorm.functional.kernel_standardization.pws_init_alpha`. Initialize on real data.
+  see :func:`jaxnorm.functional.pws_init_alpha`. Initialize on real data.
 
   With ``gamma = 0`` a constant filter standardizes to 0 (not 0 / 0). ``fan_in = 1``
   (``kh * kw * Cin / G = 1``): every standardized filter is 0, so the layer outputs only its bias;

@@ -12,7 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxnorm.functional.skip_init import check_init_value, scale_branch
+from jaxnorm.functional._skip_init import check_init_value, skip_init
 
 
 class SkipInit(nn.Module):
@@ -59,4 +59,4 @@ class SkipInit(nn.Module):
     """
     check_init_value(self.init_value)
     gain = self.param('gain', nn.initializers.constant(self.init_value), (), self.param_dtype)
-    return scale_branch(x, gain, self.dtype)
+    return skip_init(x, gain, self.dtype)

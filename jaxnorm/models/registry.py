@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnorm.functional import initializers
+from jaxnorm.functional import _initializers as initializers
 from jaxnorm.functional._checks import check_choice, check_positive, fail
 from jaxnorm.linen import (
   BackwardGradNorm,

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
+from jaxnorm.functional._batch_norm import batch_norm, normalize
 from jaxnorm.functional._checks import check_in_range
 from jaxnorm.functional._layer_dtypes import resolve_dtypes, split_axes
-from jaxnorm.functional.batch_norm import batch_norm, normalize
 
 
 class BatchNorm(nnx.Module):

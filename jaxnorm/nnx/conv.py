@@ -38,11 +38,11 @@ from flax.nnx.nn import dtypes
 from flax.typing import Dtype, Initializer
 from jax import lax
 
-from jaxnorm.functional import initializers
+from jaxnorm.functional import _initializers as initializers
 from jaxnorm.functional._checks import check_choice, fail
+from jaxnorm.functional._conv import PaddingLike, conv
 from jaxnorm.functional._conv_layout import canonical_kernel_size, check_groups, flatten_batch
-from jaxnorm.functional.conv import PaddingLike, conv
-from jaxnorm.functional.kernel_standardization import (
+from jaxnorm.functional._kernel_standardization import (
   FAN_MODES,
   check_fan_in,
   check_stabilizer,
@@ -365,7 +365,7 @@ class PWSConv(_ConvBase):
     constant batch, or ``fan_in = 1``), alpha falls back to its default **1.0** and a
     ``UserWarning`` naming ``PWSConv`` and ``init_alpha`` is emitted (under ``nnx.jit`` the
     fallback still applies; the warning comes from ``jax.debug.callback``); see
-    :func:`jaxnorm.functional.kernel_standardization.pws_init_alpha`.
+    :func:`jaxnorm.functional.pws_init_alpha`.
 
     Args:
       inputs: the init batch, ``(*batch, *spatial, in_features)``.

@@ -12,7 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxnorm.functional.skip_init import check_init_value, scale_branch
+from jaxnorm.functional._skip_init import check_init_value, skip_init
 
 
 class SkipInit(nnx.Module):
@@ -43,4 +43,4 @@ class SkipInit(nnx.Module):
 
   def __call__(self, x):
     """Returns ``gain * x`` in ``dtype`` (or ``x.dtype``)."""
-    return scale_branch(x, self.gain[...], self.dtype)
+    return skip_init(x, self.gain[...], self.dtype)

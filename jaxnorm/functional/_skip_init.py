@@ -31,8 +31,11 @@ def check_init_value(init_value, layer: str = 'SkipInit') -> None:
     _checks.fail(layer, 'init_value', 'a finite Python float', repr(init_value))
 
 
-def scale_branch(x, gain, dtype=None):
-  """``alpha * f(x)``: computed in the promoted dtype of ``x`` and ``gain``.
+def skip_init(x, gain, dtype=None):
+  """SkipInit's scaled residual branch ``alpha * f(x)``, in the dtype promoting ``x`` and ``gain``.
+
+  The residual block is ``x + alpha * f(x)`` with a learnable scalar ``alpha`` initialized at 0
+  (every block the identity at init) or at most ``1/sqrt(num_blocks)``.
 
   Args:
     x: the residual branch output ``f(x)``, floating dtype.
