@@ -11,42 +11,35 @@
 - ``loop``: ``train(config, workdir)``, with checkpoint-and-stop on SIGTERM / SIGINT.
 """
 
-from jaxnorm.training.checkpoint import Checkpointer
-from jaxnorm.training.config import (
-    ConfigError,
-    default_config,
-    factory_keywords,
-    model_config,
-    validate_config,
-)
-from jaxnorm.training.data import (
-    DATASETS,
-    BatchIterator,
-    Dataset,
-    DatasetNotFoundError,
-    eval_batches,
-    load_dataset,
-)
-from jaxnorm.training.loop import NonFiniteLossError, Preempted, build_model, evaluate, train
-from jaxnorm.training.metrics import EventWriter, JsonlWriter, read_metrics
-from jaxnorm.training.optim import make_optimizer, make_schedule
-from jaxnorm.training.steps import (
-    TrainState,
-    create_train_state,
-    cross_entropy,
-    make_eval_step,
-    make_mesh,
-    make_train_step,
-    shard_batch,
-)
-from jaxnorm.training.workdir import ConfigMismatchError, WorkdirError, WorkdirLockedError
-
-__all__ = [
-    'DATASETS', 'BatchIterator', 'Checkpointer', 'ConfigError', 'ConfigMismatchError', 'Dataset',
-    'DatasetNotFoundError', 'EventWriter', 'JsonlWriter', 'NonFiniteLossError', 'Preempted',
-    'TrainState', 'WorkdirError', 'WorkdirLockedError', 'build_model', 'create_train_state',
-    'cross_entropy', 'default_config', 'eval_batches', 'evaluate',
-    'factory_keywords', 'load_dataset', 'make_eval_step', 'make_mesh', 'make_optimizer',
-    'make_schedule', 'make_train_step', 'model_config', 'read_metrics', 'shard_batch', 'train',
-    'validate_config',
-]
+from jaxnorm.training.checkpoint import Checkpointer as Checkpointer
+from jaxnorm.training.config import ConfigError as ConfigError
+from jaxnorm.training.config import default_config as default_config
+from jaxnorm.training.config import factory_keywords as factory_keywords
+from jaxnorm.training.config import model_config as model_config
+from jaxnorm.training.config import validate_config as validate_config
+from jaxnorm.training.data import DATASETS as DATASETS
+from jaxnorm.training.data import BatchIterator as BatchIterator
+from jaxnorm.training.data import Dataset as Dataset
+from jaxnorm.training.data import DatasetNotFoundError as DatasetNotFoundError
+from jaxnorm.training.data import eval_batches as eval_batches
+from jaxnorm.training.data import load_dataset as load_dataset
+from jaxnorm.training.loop import NonFiniteLossError as NonFiniteLossError
+from jaxnorm.training.loop import Preempted as Preempted
+from jaxnorm.training.loop import build_model as build_model
+from jaxnorm.training.loop import evaluate as evaluate
+from jaxnorm.training.loop import train as train
+from jaxnorm.training.metrics import EventWriter as EventWriter
+from jaxnorm.training.metrics import JsonlWriter as JsonlWriter
+from jaxnorm.training.metrics import read_metrics as read_metrics
+from jaxnorm.training.optim import make_optimizer as make_optimizer
+from jaxnorm.training.optim import make_schedule as make_schedule
+from jaxnorm.training.steps import TrainState as TrainState
+from jaxnorm.training.steps import create_train_state as create_train_state
+from jaxnorm.training.steps import cross_entropy as cross_entropy
+from jaxnorm.training.steps import make_eval_step as make_eval_step
+from jaxnorm.training.steps import make_mesh as make_mesh
+from jaxnorm.training.steps import make_train_step as make_train_step
+from jaxnorm.training.steps import shard_batch as shard_batch
+from jaxnorm.training.workdir import ConfigMismatchError as ConfigMismatchError
+from jaxnorm.training.workdir import WorkdirError as WorkdirError
+from jaxnorm.training.workdir import WorkdirLockedError as WorkdirLockedError
