@@ -123,6 +123,13 @@ def residual_skip_moments(num_blocks: int, *, norm: str = 'batch_norm', alpha: f
     dict with numpy float64 arrays ``avg_var``, ``avg_sq_mean`` (length L + 1, index 0 = stem) and
     ``res_avg_var`` (length L: variance of the branch output *before* ``alpha``).
 
+  Example:
+    >>> from jaxnorm.diagnostics import theory
+    >>> theory.residual_skip_moments(4, norm='batch_norm')['avg_var'].round(2)  # linear
+    array([1.  , 1.68, 2.36, 3.05, 3.73])
+    >>> theory.residual_skip_moments(4, norm='none')['avg_var'].round(2)        # geometric
+    array([1.  , 1.68, 2.88, 4.99, 8.76])
+
   References:
     De & Smith (2020), "Batch Normalization Biases Residual Blocks Towards the Identity Function in
     Deep Networks", arXiv:2002.10444 (the sqrt(depth) argument, SkipInit).

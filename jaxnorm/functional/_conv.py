@@ -354,6 +354,17 @@ def conv(
     ValueError: on a rank, channel-count, group, stride, dilation or padding that does not fit.
     TypeError: on non-floating ``x`` or ``kernel``.
 
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import jaxnorm.functional as F
+    >>> x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    >>> w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    >>> y = F.conv(x, w, strides=2)                  # NHWC input, HWIO kernel
+    >>> ref = jax.lax.conv_general_dilated(x, w, (2, 2), 'SAME',
+    ...                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    >>> y.shape, bool(jnp.allclose(y, ref, atol=1e-5))
+    ((2, 4, 4, 4), True)
+
   References:
     Dumoulin and Visin (2016), "A guide to convolution arithmetic for deep learning",
     arXiv:1603.07285 (transposed convolutions, the padding algebra of the backward pass).

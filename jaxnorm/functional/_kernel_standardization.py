@@ -259,6 +259,14 @@ def standardize_kernel(
       kernel of rank < 2, or ``'ws_std'`` on single-entry filters.
     TypeError: on a non-floating kernel or scale.
 
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import jaxnorm.functional as F
+    >>> w = jax.random.normal(jax.random.key(0), (3, 3, 16, 8)) * 0.1 + 0.5
+    >>> v = F.standardize_kernel(w, 'ws')          # per output filter: mean 0, variance 1
+    >>> bool(jnp.allclose(v.mean((0, 1, 2)), 0, atol=1e-5)), v.shape
+    (True, (3, 3, 16, 8))
+
   References:
     Qiao et al. 2019 (WS; ``'ws'`` is the paper's equation, ``'ws_std'`` the released code);
     Brock et al. 2021 (``nfnets/base.py::WSConv2D``); Liu et al. 2021 (PWS, official

@@ -47,6 +47,13 @@ def signal_metrics(x) -> SignalMetrics:
   Returns:
     ``SignalMetrics(avg_sq_mean, avg_var)``, float32 scalars.
 
+  Example:
+    >>> import jax
+    >>> import jaxnorm.functional as F
+    >>> m = F.signal_metrics(2.0 * jax.random.normal(jax.random.key(0), (4096, 8)) + 1.0)
+    >>> round(float(m.avg_var)), round(float(m.avg_sq_mean))
+    (4, 1)
+
   References:
     Brock, De & Smith (2021), arXiv:2101.08692, signal propagation plots; deepmind nfnets
     ``base.signal_metrics``.

@@ -45,6 +45,12 @@ def skip_init(x, gain, dtype=None):
   Returns:
     ``gain * x`` in ``dtype``.
 
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import jaxnorm.functional as F
+    >>> F.skip_init(jnp.ones(3, jnp.bfloat16), jnp.asarray(0.5))  # alpha f(x), bf16 stays bf16
+    Array([0.5, 0.5, 0.5], dtype=bfloat16)
+
   References:
     De & Smith (2020), arXiv:2002.10444, SkipInit.
   """

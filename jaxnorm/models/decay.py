@@ -31,9 +31,15 @@ def decay_mask(params):
     A tree of the same structure: False for leaves named 'bias', 'scale', 'gain' or 'alpha', True
     otherwise (conv and dense kernels).
 
-  Example::
-
-    tx = optax.chain(optax.add_decayed_weights(5e-4, mask=decay_mask), optax.sgd(0.1, 0.9))
+  Example:
+    >>> import jax, optax
+    >>> from jaxnorm.models import cifar_resnet, decay_mask
+    >>> params = jax.eval_shape(cifar_resnet(8).init, jax.random.key(0),
+    ...                         jax.numpy.ones((2, 8, 8, 3)))['params']
+    >>> mask = decay_mask(params)
+    >>> mask['stem_conv']['kernel'], mask['stem_norm']['scale']
+    (True, False)
+    >>> tx = optax.chain(optax.add_decayed_weights(5e-4, mask=decay_mask), optax.sgd(0.1, 0.9))
   """
 
   def keep(path, _):

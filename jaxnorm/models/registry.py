@@ -242,11 +242,22 @@ def register_norm(name: str, *, norm: NormFactory | None = None, conv: ConvFacto
       an 'mlp' entry with a conv, an outer norm or NF bookkeeping.
     TypeError: for a non-string name or a non-callable factory.
 
-  Example::
-
-    register_norm('my_rms', norm=lambda spec, train, *, name, scale_init: RMSNorm(
-        scale_init=scale_init, name=name))
-    model = cifar_resnet(20, norm='my_rms')
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> from jaxnorm.models import cifar_resnet, register_norm, unregister_norm
+    >>> class RMSNorm(nn.Module):
+    ...   scale_init: object = nn.initializers.ones
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     scale = self.param('scale', self.scale_init, (x.shape[-1],))
+    ...     return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale
+    >>> entry = register_norm('doc_rms', norm=lambda spec, train, *, name, scale_init: RMSNorm(
+    ...     scale_init=scale_init, name=name))
+    >>> model = cifar_resnet(8, norm='doc_rms')
+    >>> params = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((2, 8, 8, 3)))['params']
+    >>> params['stem_norm']['scale'].shape
+    (16,)
+    >>> _ = unregister_norm('doc_rms')
   """
   if not isinstance(name, str) or not name or name != name.strip():
     fail('register_norm', 'name', 'a non-empty string without surrounding spaces', repr(name),
