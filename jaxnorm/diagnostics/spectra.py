@@ -25,7 +25,9 @@ _LAYER = 'jaxnorm.diagnostics.spectra'
 
 def gaussian_product_singular_values(key: jax.Array, size: int, num_matrices: int,
                                      num_samples: int = 1) -> jax.Array:
-  """Singular values of ``G_M ... G_1`` with i.i.d. ``G_i[a, b] ~ N(0, 1/size)``.
+  """Singular values of a product of ``num_matrices`` Gaussian matrices, entries ``N(0, 1/size)``.
+
+  The product is ``G_M ... G_1`` with i.i.d. ``G_i[a, b] ~ N(0, 1/size)``.
 
   Args:
     key: PRNG key.

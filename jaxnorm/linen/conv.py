@@ -221,12 +221,13 @@ class WSConv(_ConvBase):
   (``kh * kw * Cin / G = 1``): every standardized filter is 0, so the layer outputs only its bias;
   ``'ws'`` warns at ``init``, ``'ws_std'`` raises (its unbiased std needs 2 entries).
 
+  The attributes not listed below are those of :class:`Conv`.
+
   Attributes:
     method: ``'ws'`` (paper) or ``'ws_std'`` (released code).
     eps: 1e-5 in both; a finite number >= 0 (nan, inf and negative values raise ValueError at
       ``init``/``apply``).
     kernel_init: kernel initializer (LeCun normal; the scale is removed by the standardization).
-    (the other attributes as in :class:`Conv`)
 
   References:
     Qiao, Wang, Liu, Shen, Yuille (2019), "Micro-Batch Training with Batch-Channel Normalization
@@ -263,11 +264,12 @@ class ScaledWSConv(_ConvBase):
   is on by default (the reference ``WSConv2D`` is an ``hk.Conv2D`` with ``with_bias=True``);
   ``use_bias=False`` removes it. ``mask`` multiplies the standardized kernel.
 
+  The attributes not listed below are those of :class:`Conv`.
+
   Attributes:
     eps: lower bound on ``fan_in * var`` (1e-4); a finite number > 0 (0, nan, inf and negative
       values raise ValueError at ``init``/``apply``).
     kernel_init: kernel initializer (None: variance scaling 1.0, fan-in, normal).
-    (the other attributes as in :class:`Conv`)
 
   References:
     Brock, De, Smith (2021), "Characterizing signal propagation to close the performance gap in
@@ -324,6 +326,8 @@ class PWSConv(_ConvBase):
   (``kh * kw * Cin / G = 1``): every standardized filter is 0, so the layer outputs only its bias;
   a warning is emitted at ``init``.
 
+  The attributes not listed below are those of :class:`Conv`.
+
   Attributes:
     gamma: fixed gamma added to the variance (1e-5; the official configs use 1e-3 on CIFAR and
       1e-4 on ImageNet); a finite number >= 0 (nan, inf and negative values raise ValueError at
@@ -333,7 +337,6 @@ class PWSConv(_ConvBase):
     init_alpha: data-dependent scalar alpha init on the init batch (alpha 1.0 and a warning when
       that batch gives an output without variance).
     kernel_init: kernel initializer (None: He normal for ``mode``).
-    (the other attributes as in :class:`Conv`)
 
   References:
     Liu, Ge, Li, Gui (2021), "Delving into Variance Transmission and Normalization: Shift of

@@ -271,7 +271,7 @@ def cifar_resnet(depth: int = 20, *, width: int = 16, norm: str | NormSpec = 'ba
     skip_init: SkipInit gain init (None, float, 'inv_sqrt_depth').
     num_classes: classifier outputs.
     regularized: Regularized SkipInit (SkipInit + conv biases + dropout before the head).
-    **kwargs: further ``ResNet`` fields (style, bgn, scan, remat, ...).
+    ``**kwargs``: further ``ResNet`` fields (style, bgn, scan, remat, ...).
 
   Returns:
     A ``ResNet`` (ResNet-20: 0.27M parameters, ResNet-110: 1.7M).
@@ -299,7 +299,7 @@ def wide_resnet(depth: int = 16, width: int = 4, *, base_width: int = 16,
     depth: 6n + 4 (16, 28, 40, 100, 1000, ...).
     width: widening factor k.
     base_width: 16 in the paper (smaller for smoke tests); stem width = base_width.
-    norm, skip_init, num_classes, regularized, **kwargs: as ``cifar_resnet``.
+    norm, skip_init, num_classes, regularized, ``**kwargs``: as ``cifar_resnet``.
 
   Returns:
     A ``ResNet`` (WRN-16-4: 2.7M parameters).
@@ -329,7 +329,7 @@ def resnet50(style: str = 'v1', *, width: int = 64, norm: str | NormSpec = 'batc
   Args:
     style: 'v1' or 'v2' (De & Smith's ResNet-50-V2).
     width: first-stage branch width (64; smaller for smoke tests).
-    norm, skip_init, num_classes, regularized, **kwargs: as ``cifar_resnet``.
+    norm, skip_init, num_classes, regularized, ``**kwargs``: as ``cifar_resnet``.
 
   Returns:
     A ``ResNet`` (25.6M parameters with 1000 classes).
@@ -362,7 +362,7 @@ def pws_resnet(depth: int = 34, *, width: int = 64, norm: str | NormSpec = 'pws'
       baselines, e.g. 'batch_norm', 'group_norm'), or a ``NormSpec``.
     skip_init: SkipInit gain init (None in the paper).
     num_classes: default 10 (depth 34) or 1000 (depth 50).
-    **kwargs: further ``ResNet`` fields.
+    ``**kwargs``: further ``ResNet`` fields.
 
   Returns:
     A ``ResNet`` with style 'relu_first'.
