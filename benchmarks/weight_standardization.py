@@ -63,19 +63,7 @@ def _conv_candidate(make, shape):
 
 
 def run(sizes: Sizes) -> list[Table]:
-  """The three tables of section 3."""
-  layer = new_table('3b. One conv layer at ImageNet ResNet-50 shapes: forward + backward', sizes, [
-    'Shape = (batch, side, in channels, out channels, kernel, stride); gradients w.r.t. input '
-    'and parameters of sum(w * conv(x)).',
-    f'Target <= {TARGET:.2f}x flax nn.Conv at every shape.',
-  ])
-  for shape in (SMOKE_SHAPES if sizes.smoke else RESNET50_SHAPES):
-    res = interleaved({n: _conv_candidate(c, shape) for n, c in CONVS.items()},
-                      repeats=sizes.repeats * 2, warmup=sizes.warmup)
-    layer.rows += ratio_rows(res, BASELINE, TARGET, label=f'{shape}: ')
-  emit(layer)
-
-
+  """The three tables of section 3: in a network (3a), one layer (3b), PWS vs BN (3c)."""
   x, y = cifar_batch(sizes.batch, sizes.image)
   res = interleaved(
     {n: train_step_candidate(SwappableResNet(sizes.resnet20, sizes.width, conv=c,
@@ -90,6 +78,17 @@ def run(sizes: Sizes) -> list[Table]:
   ])
   step.rows += ratio_rows(res, BASELINE, TARGET)
   emit(step)
+
+  layer = new_table('3b. One conv layer at ImageNet ResNet-50 shapes: forward + backward', sizes, [
+    'Shape = (batch, side, in channels, out channels, kernel, stride); gradients w.r.t. input '
+    'and parameters of sum(w * conv(x)).',
+    f'Target <= {TARGET:.2f}x flax nn.Conv at every shape.',
+  ])
+  for shape in (SMOKE_SHAPES if sizes.smoke else RESNET50_SHAPES):
+    res = interleaved({n: _conv_candidate(c, shape) for n, c in CONVS.items()},
+                      repeats=sizes.repeats * 2, warmup=sizes.warmup)
+    layer.rows += ratio_rows(res, BASELINE, TARGET, label=f'{shape}: ')
+  emit(layer)
 
   e2e = new_table('3c. PWS vs BatchNorm ResNets, one SGD step end to end', sizes, [
     'No target (the PWS paper reports PWS training faster than BN); x baseline < 1 means PWS is '
