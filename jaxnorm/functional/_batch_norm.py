@@ -26,10 +26,8 @@ Memory and time: the closed-form backward keeps ``x`` itself (in its own dtype: 
 plus per-channel ``mu``, ``1/sqrt(var + eps)`` and ``gamma``, and recomputes ``x_hat`` inside its
 two fused passes (the sums of ``g`` and ``g * x_hat``, then ``dL/dx``). Autodiff of the direct
 formula keeps the centred input ``x - mu`` (float32) for the variance and ``x_hat`` for ``dgamma``.
-On XLA:CPU the layer alone (forward + backward) runs at 0.78-0.95x ``flax.linen.BatchNorm`` with
-the same two-pass variance and 1.01-1.06x flax's default one-pass ``E[x^2] - E[x]^2`` variance,
-which reads ``x`` once less, with the same peak memory (BENCHMARKS.md, section 1, on a 2-core
-machine shared with other jobs).
+Its speed and memory against ``flax.linen.BatchNorm`` (whose default one-pass variance
+``E[x^2] - E[x]^2`` reads ``x`` once less) are in BENCHMARKS.md, section 1.
 
 What the custom VJP rules out: forward-mode AD of the layer itself. ``jax.jvp``, ``jax.jacfwd``
 and evaluating the result of ``jax.linearize`` through ``closed_form_backward=True`` fail with

@@ -1,18 +1,13 @@
-"""Variance-scaling initializers that give jax.nn.initializers' values and compile 5-8x faster.
+"""Variance-scaling initializers that give jax.nn.initializers' values and compile faster.
 
 With ``jax_threefry_partitionable`` (the default since jax 0.5), ``jax.random`` derives each
 element's counter from its multi-dimensional index. For a rank-3 or rank-4 shape (a conv kernel)
-XLA:CPU takes 1-2 s to compile that one sampling op, against 0.2-0.3 s for the same number of
-elements drawn as a flat vector; measured on jax 0.10.2, 2 CPU cores::
-
-    jax.random.bits(key, (3, 3, 4, 4))            1.96 s to compile
-    jax.random.bits(key, (144,)).reshape(...)     0.22 s, the same bits
-
-A ResNet's jitted ``init`` holds one such op per distinct conv shape (per block when unrolled),
-so it dominated the compile time of a small model (11.5 s for a CIFAR ResNet-14 at width 4).
-The counters of a flat draw are the row-major linear indices of the shaped draw, so sampling flat
-and reshaping yields bit-identical values (tested against ``jax.nn.initializers`` for every mode and
-distribution). jaxnorm's conv layers and models use these initializers by default.
+XLA:CPU compiles that one sampling op several times slower than the same number of elements drawn
+as a flat vector, and a ResNet's jitted ``init`` holds one such op per distinct conv shape (per
+block when unrolled), so it dominated the compile time of small models (BENCHMARKS.md, section
+4). The counters of a flat draw are the row-major linear indices of the shaped draw, so sampling
+flat and reshaping yields bit-identical values (tested against ``jax.nn.initializers`` for every
+mode and distribution). jaxnorm's conv layers and models use these initializers by default.
 """
 
 from __future__ import annotations
