@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import chex
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from jaxnorm.functional.backward_grad_norm import backward_grad_norm
+from jaxnorm.functional.backward_grad_norm import backward_grad_norm, target_scale
 
 
 def _np_bgn(g, mode, target, eps):
@@ -210,8 +211,9 @@ def _layer_grad_norms(depth, width, act, bgn, seed):
 
 @pytest.mark.parametrize('act', [jax.nn.sigmoid, jnp.tanh], ids=['sigmoid', 'tanh'])
 def test_bgn_keeps_first_layer_gradients_alive_in_a_deep_saturating_mlp(act):
-  """Paper claim (papers.md 2(d)): without BGN the first/last hidden weight-gradient ratio
-  vanishes by orders of magnitude at init; with BGN after each hidden layer it is O(1)."""
+  """Paper claim (Cabana & Lago-Fernandez 2021, arXiv 2106.09475): without BGN the first/last
+  hidden weight-gradient ratio vanishes by orders of magnitude at init; with BGN after each hidden
+  layer it is O(1)."""
   depth = 41
   plain = _layer_grad_norms(depth, 32, act, False, 7)
   with_bgn = _layer_grad_norms(depth, 32, act, True, 7)
@@ -251,3 +253,218 @@ def test_property_norm_equals_target_for_any_shape(batch, feature_shape, dtype, 
   gn = np.sqrt(np.sum(np.asarray(g, np.float64) ** 2, axis=axes))
   np.testing.assert_allclose(norms, s * gn / (gn + 1e-6), rtol=tol)
   assert math.isfinite(float(np.max(norms)))
+
+
+# --- Extreme scales, precision and dtypes of the backward map ------------------------------------
+# float32 sum(g^2) overflows once ||g|| > 1.8e19 (a gradient of scale 1e18 over 4096 units) and
+# underflows to 0 below ~1e-19 (then a tiny eps, not the norm, sets the scale). The backward must
+# still return target * g / (||g|| + eps): the same direction as g and that norm.
+
+
+def _slices(a, mode):
+  """``a`` as float64 rows, one per normalized slice (per sample, or the whole tensor)."""
+  a = np.asarray(np.asarray(a, np.float32) if a.dtype == jnp.bfloat16 else a, np.float64)
+  return a.reshape(a.shape[0], -1) if mode == 'per_sample' else a.reshape(1, -1)
+
+
+def _np_norms(rows):
+  """Row 2-norms in float64 without over/underflow (scaled by the row's largest magnitude)."""
+  m = np.max(np.abs(rows), axis=1, keepdims=True)
+  safe = np.where(m > 0, m, 1.0)
+  return (m * np.sqrt(np.sum((rows / safe) ** 2, axis=1, keepdims=True)))[:, 0]
+
+
+@functools.cache
+def _xla_flushes_subnormals() -> bool:
+  """XLA:CPU computes with denormals flushed to zero: a subnormal float32 operand reads as 0."""
+  return float(jax.jit(lambda v: v * 2.0)(jnp.float32(np.finfo(np.float32).tiny / 4))) == 0.0
+
+
+def _as_seen(g):
+  """``g`` as XLA's float32/float64 arithmetic reads it: subnormal entries 0 where it flushes them
+  (float16 subnormals are normal float32 numbers once converted, so they are kept)."""
+  g = np.asarray(g)
+  if g.dtype in (np.float32, np.float64) and _xla_flushes_subnormals():
+    g = np.where(np.abs(g) < np.finfo(g.dtype).tiny, np.zeros((), g.dtype), g)
+  return g
+
+
+def _check_direction_and_norm(out, g, mode, eps, rtol, target='sqrt_units'):
+  """Each slice of ``out`` equals ``s * g / (||g|| + eps)`` normwise, in float64: its norm is
+  ``s * ||g|| / (||g|| + eps)`` and ``||out - s * g / (||g|| + eps)|| <= rtol * ||out||``.
+  Returns the largest relative (norm, direction) errors seen."""
+  o, r = _slices(out, mode), _slices(_as_seen(g), mode)
+  assert np.all(np.isfinite(o))
+  s = target_scale(np.shape(g), mode, target)
+  gn = _np_norms(r)
+  want = s * gn / (gn + eps)
+  zero = gn == 0
+  np.testing.assert_array_equal(o[zero], 0.0)
+  on = _np_norms(o)
+  norm_err = np.abs(on - want)[~zero] / want[~zero]
+  ref = (r / np.where(zero, 1.0, gn)[:, None]) * want[:, None]  # s g / (||g|| + eps), no overflow
+  dir_err = _np_norms(o - ref)[~zero] / want[~zero]
+  assert np.all(norm_err <= rtol), (norm_err, on, want)
+  assert np.all(dir_err <= rtol), dir_err
+  return float(np.max(norm_err, initial=0.0)), float(np.max(dir_err, initial=0.0))
+
+
+class ExtremeScaleTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters('per_sample', 'per_batch')
+  def test_huge_finite_gradient_keeps_direction_and_target_norm(self, mode):
+    g = (np.random.default_rng(10).normal(size=(1, 4096)) * 1e18).astype(np.float32)
+    with np.errstate(over='ignore'):
+      assert np.all(np.isfinite(g)) and not np.isfinite(np.sum(g * g))  # float32 sum(g^2) = inf
+    out = self.variant(lambda x, g: _bgn_grad(x, g, mode=mode))(jnp.ones_like(g), g)
+    assert np.linalg.norm(np.asarray(out, np.float64)) > 0  # not flushed to 0
+    _check_direction_and_norm(out, g, mode, 1e-6, rtol=1e-6)
+    ref, s = _np_bgn(g, mode, 'sqrt_units', 1e-6)  # float64 g / ||g|| does not overflow
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-6 * s / 64)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(1e-6, 1e-30)
+  def test_per_sample_rows_of_any_scale_each_get_their_norm(self, eps):
+    rng = np.random.default_rng(11)
+    # One huge row (sum of squares inf), one ordinary, one tiny (squares underflow) and one of
+    # entries up to 3e38 whose norm itself (2e40) is beyond float32.
+    scales = np.array([1e18, 1.0, 1e-25, 1e37])[:, None]
+    g = (np.clip(rng.normal(size=(4, 4096)), -3, 3) * scales).astype(np.float32)
+    g[3, 0] = 3e38
+    out = self.variant(lambda x, g: _bgn_grad(x, g, eps=eps))(jnp.ones_like(g), g)
+    _check_direction_and_norm(out, g, 'per_sample', eps, rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(1e-30, 1e-40)
+  def test_tiny_gradient_with_tiny_eps_keeps_direction_and_norm(self, eps):
+    rng = np.random.default_rng(12)
+    g = (rng.normal(size=(2, 4096)) * 1e-30).astype(np.float32)
+    # Every 16th entry subnormal (down to the smallest, 1.4e-45): at most flushed by XLA:CPU, which
+    # changes the direction by < 1e-9; the float32 squares of all entries underflow to 0.
+    g[:, ::16] = (rng.uniform(-1, 1, size=(2, 256)) * 1e-38).astype(np.float32)
+    g[:, 1] = np.float32(1.4e-45)
+    assert np.sum(g.astype(np.float32) ** 2) < 1e-45
+    out = self.variant(lambda x, g: _bgn_grad(x, g, eps=eps))(jnp.ones_like(g), g)
+    # With eps = 1e-30 ~ ||g|| / 64 the norm is 64 * ||g|| / (||g|| + eps) ~ 63.0, not 64 and not
+    # 64 * ||g|| / eps (the norm read as 0).
+    _check_direction_and_norm(out, g, 'per_sample', eps, rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(1e-6, 1e-44)
+  def test_all_subnormal_gradient_is_flushed_or_normalized_never_nan(self, eps):
+    g = np.full((2, 64), 1e-40, np.float32)
+    g[1] *= -np.arange(64, dtype=np.float32) / 64
+    out = self.variant(lambda x, g: _bgn_grad(x, g, eps=eps))(jnp.ones_like(g), g)
+    _check_direction_and_norm(out, g, 'per_sample', eps, rtol=1e-6)  # 0 where XLA flushes
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_zero_slices_map_to_zero_without_nan_next_to_huge_ones(self):
+    x = jnp.ones((3, 4096))
+    g = np.zeros((3, 4096), np.float32)
+    g[1] = np.random.default_rng(13).normal(size=4096) * 1e18
+    fn = self.variant(lambda x, g: _bgn_grad(x, g))
+    out = np.asarray(fn(x, g))
+    np.testing.assert_array_equal(out[[0, 2]], 0.0)
+    _check_direction_and_norm(out, g, 'per_sample', 1e-6, rtol=1e-6)
+    # Reverse-over-reverse at zero slices next to a huge one: finite.
+    w = jnp.linspace(-1.0, 1.0, 4096)
+    h = self.variant(jax.grad(lambda g: jnp.sum(_bgn_grad(x, g) * w)))(jnp.asarray(g))
+    assert np.all(np.isfinite(h))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_all_zero_gradient_with_subnormal_eps_maps_to_zero(self):
+    # eps = 1e-40 is a float32 subnormal (0 to XLA:CPU): the norm and eps are both 0.
+    x = jnp.ones((2, 8))
+    out = self.variant(lambda x, g: _bgn_grad(x, g, eps=1e-40))(x, jnp.zeros((2, 8)))
+    np.testing.assert_array_equal(np.asarray(out), 0.0)
+    h = self.variant(jax.grad(lambda g: jnp.sum(_bgn_grad(x, g, eps=1e-40) * jnp.arange(8.0))))(
+        jnp.zeros((2, 8)))
+    assert np.all(np.isfinite(h))
+
+  @parameterized.parameters('per_sample', 'per_batch')
+  def test_float64_gradient_is_rescaled_in_float64(self, mode):
+    with jax.enable_x64(True):
+      rng = np.random.default_rng(14)
+      g = rng.normal(size=(4, 1000)) * np.logspace(-3, 3, 4)[:, None]
+      out = _bgn_grad(jnp.ones((4, 1000), jnp.float64), jnp.asarray(g), mode=mode)
+      assert out.dtype == jnp.float64
+      ref, _ = _np_bgn(g, mode, 'sqrt_units', 1e-6)
+      rel = np.max(np.abs(np.asarray(out) - ref)) / np.max(np.abs(ref))
+      assert rel < 1e-14, rel  # a float32 norm gives ~1e-7
+      # float64 extremes: sum(g^2) overflows at 1e200 and underflows at 1e-200.
+      for scale, eps in ((1e200, 1e-6), (1e-200, 1e-300)):
+        gx = g * scale
+        out = _bgn_grad(jnp.ones((4, 1000), jnp.float64), jnp.asarray(gx), mode=mode, eps=eps)
+        assert out.dtype == jnp.float64
+        _check_direction_and_norm(out, gx, mode, eps, rtol=1e-14)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters((jnp.bfloat16, 1e18), (jnp.bfloat16, 1e-30), (jnp.float16, 1e4),
+                            (jnp.float16, 1e-6))
+  def test_half_precision_gradients_keep_dtype_at_extreme_scales(self, dtype, scale):
+    # bfloat16 has float32's range: its float32 sum of squares overflows / underflows the same
+    # way; float16 is rescaled in float32 (its squares overflow float16 above 256, not float32).
+    g = jnp.asarray(np.random.default_rng(15).normal(size=(2, 4096)) * scale, dtype)
+    eps = 1e-6 if scale >= 1 else 1e-30
+    out = self.variant(lambda x, g: _bgn_grad(x, g, eps=eps))(jnp.ones_like(g), g)
+    assert out.dtype == dtype
+    _check_direction_and_norm(out, g, 'per_sample', eps, rtol=1e-2)
+
+
+def _formula_jacobian(h, eps):
+  """float64 autodiff Jacobian of ``v -> s * v / (||v|| + eps)`` per row of ``h``: (B, n, B, n)."""
+  b, n = h.shape
+  ref = np.zeros((b, n, b, n))
+  with jax.enable_x64(True):
+    f = lambda v: np.sqrt(n) * v / (jnp.sqrt(jnp.sum(v * v)) + eps)
+    for i in range(b):
+      ref[i, :, i, :] = np.asarray(jax.jacfwd(f)(jnp.asarray(h[i], jnp.float64)))
+  return ref
+
+
+@pytest.mark.parametrize('scale, eps', [(2.0 ** 83, 1e-6), (2.0 ** -83, 1e-30)],
+                         ids=['overflow-1e25', 'underflow-1e-25'])
+def test_second_order_through_the_rescaled_path_is_that_of_the_formula(scale, eps):
+  """jax.hessian / jacrev(grad) where float32 sum(g^2) overflows (scale 1e25 over 3 units) or
+  underflows (1e-25, eps 1e-30), next to an ordinary row: the Jacobian of s * g / (||g|| + eps).
+
+  Reference: float64 autodiff on the scaled-down copy h = g / k (k a power of two, so exact),
+  since s * g / (||g|| + eps) at g = k h is s * h / (||h|| + eps / k): J(g; eps) = J(h; eps/k) / k.
+  """
+  h = np.asarray(jax.random.normal(jax.random.key(16), (2, 3)), np.float64)
+  k = np.array([scale, 1.0])[:, None]
+  x = jnp.asarray(h * k, jnp.float32)
+  f = lambda x: 0.5 * jnp.sum(backward_grad_norm(x, eps=eps) ** 2)
+  ref = np.zeros((2, 3, 2, 3))
+  for i in range(2):
+    ref[i, :, i, :] = _formula_jacobian(h[i:i + 1], eps / k[i, 0])[0, :, 0, :] / k[i, 0]
+  for jac in (jax.hessian(f)(x), jax.jacrev(jax.grad(f))(x), jax.jit(jax.hessian(f))(x)):
+    jac = np.asarray(jac, np.float64)
+    assert np.all(np.isfinite(jac))
+    for i in range(2):
+      np.testing.assert_allclose(jac[i, :, i, :], ref[i, :, i, :], rtol=1e-5,
+                                 atol=1e-6 * np.max(np.abs(ref[i, :, i, :])))
+    np.testing.assert_array_equal(jac[0, :, 1, :], 0.0)
+    np.testing.assert_array_equal(jac[1, :, 0, :], 0.0)
+
+
+@hypothesis.settings(max_examples=30, deadline=None)
+@hypothesis.given(
+    k=st.integers(-40, 38),
+    batch=st.integers(1, 4),
+    units=st.sampled_from([1, 5, 64, 4096]),
+    eps=st.sampled_from([1e-6, 1e-3, 1e-20, 1e-37]),
+    mode=st.sampled_from(['per_sample', 'per_batch']),
+    seed=st.integers(0, 2**16),
+)
+def test_property_any_float32_scale_keeps_direction_and_norm(k, batch, units, eps, mode, seed):
+  """float32 gradients of scale 10^k, k in [-40, 38]: finite output, norm
+  s * ||g|| / (||g|| + eps) and the direction of g (of g with subnormals flushed, where XLA
+  flushes them)."""
+  rng = np.random.default_rng(seed)
+  g = (np.clip(rng.normal(size=(batch, units)), -3, 3) * 10.0 ** k).astype(np.float32)
+  assert np.all(np.isfinite(g))
+  out = _bgn_grad(jnp.ones_like(g), g, mode=mode, eps=eps)
+  assert out.dtype == jnp.float32
+  _check_direction_and_norm(out, g, mode, eps, rtol=1e-5)

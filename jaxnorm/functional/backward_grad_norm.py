@@ -6,8 +6,8 @@ of a very deep network neither vanishes nor explodes.
 
 References:
   Cabana & Lago-Fernandez, "Backward Gradient Normalization in Deep Neural Networks",
-  arXiv 2106.09475 (2021); jaxnorm papers.md section 2. The paper body and official code are not
-  public: the axes of the norm, the target scale and eps are a reconstruction (see
+  arXiv 2106.09475 (2021), https://arxiv.org/abs/2106.09475. The paper body and official code
+  are not public: the axes of the norm, the target scale and eps are a reconstruction (see
   :func:`backward_grad_norm`).
 """
 
@@ -102,8 +102,84 @@ def _safe_norm(sq_sum):
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq_sum, 1.0)), 0.0)
 
 
+def compute_dtype(dtype) -> jnp.dtype:
+  """The dtype the BGN backward computes in: ``dtype`` promoted with float32.
+
+  bfloat16 / float16 gradients are rescaled in float32 (and cast back); float32 and float64
+  gradients in their own dtype.
+  """
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _rescale_factors(g, axes: tuple[int, ...], units: int, s: float, eps: float):
+  """Per-slice factors ``(a, c)`` with ``s * g / (||g|| + eps) == (g * a) * c``, for any finite g.
+
+  Fast path, the only work while every slice is in range: one reduction ``sq = sum(g^2)`` and
+  ``a = 1``, ``c = s / (sqrt(sq) + eps)``. It is exact to the dtype's rounding whenever ``sq`` is
+  finite (no square or partial sum overflowed: they are all <= ``sq``) and
+  ``sqrt(sq) + eps >= floor = sqrt(units * tiny) / epsneg``: the squares that underflowed (each
+  below ``tiny``, the smallest normal number) change the norm by at most ``sqrt(units * tiny)``,
+  so the factor by less than one rounding. ``eps`` is a Python float, so when ``eps >= floor``
+  (the default 1e-6 against ``floor`` ~1e-10 in float32 at 4096 units) only overflow is checked.
+
+  The check is one scalar, ``max(sq) > max_float`` (or ``min(sq) < (floor - eps)^2`` with a tiny
+  ``eps``), and a ``lax.cond`` on it; the fast branch computes ``(a, c)`` itself and returns them
+  as one ``(..., 2)`` array, so that taking it costs one small fusion and no copies. Under
+  ``vmap`` the cond becomes a select that computes both branches.
+
+  Fallback, for the whole array when any slice is out of range: every slice is scaled by
+  ``a = 1 / p`` with ``p = max|g|`` clipped to ``[2^-k, 2^k]``, ``k = 3 * maxexp // 4`` (96 in
+  float32, 768 in float64), so that ``a`` is a normal number, the largest scaled entry is between
+  ``2^-53`` and ``2^32`` and the sum of scaled squares neither overflows nor loses the largest
+  entries to underflow; then ``c = s / (||g * a|| + eps * a)``. ``(g * a) * c`` is never formed
+  as one product ``a * c``, which is subnormal when the norm exceeds ``s * 2^126`` in float32.
+  ``p`` carries no gradient: the result does not depend on it (exactly), so second-order
+  derivatives are those of ``s * g / (||g|| + eps)`` on both paths.
+  """
+  info = jnp.finfo(g.dtype)
+  sq = jnp.sum(g * g, axis=axes, keepdims=True)
+  out_of_range = jnp.max(sq) > float(info.max)
+  floor = math.sqrt(units * float(info.tiny)) / float(info.epsneg)
+  if eps < floor:
+    out_of_range = out_of_range | (jnp.min(sq) < (floor - eps) ** 2)
+
+  def fast(g, sq):
+    del g
+    c = s / (_safe_norm(sq) + eps)
+    return jnp.concatenate([jnp.ones_like(c), c], axis=-1)
+
+  def scaled(g, sq):
+    del sq
+    k = 3 * int(info.maxexp) // 4
+    m = jnp.max(jnp.abs(g), axis=axes, keepdims=True, initial=0.0)
+    p = jnp.clip(m, 2.0 ** -k, 2.0 ** k)
+    a = 1.0 / jax.lax.stop_gradient(p)
+    u = g * a
+    den = _safe_norm(jnp.sum(u * u, axis=axes, keepdims=True)) + eps * a
+    # den is 0 only for an all-zero slice when eps is subnormal (flushed to 0): output 0, no NaN.
+    return jnp.concatenate([a, s / jnp.where(den > 0, den, 1.0)], axis=-1)
+
+  ac = jax.lax.cond(out_of_range, scaled, fast, g, sq)
+  return ac[..., :1], ac[..., 1:]
+
+
 def normalize_gradient(g, mode: str, target, eps: float):
-  """The BGN backward map: ``target * g / (||g|| + eps)``, norm computed in float32.
+  """The BGN backward map ``target * g / (||g|| + eps)``, overflow- and underflow-safe.
+
+  The norm and the rescaling are computed in ``g``'s dtype promoted with float32 (float64 stays
+  float64; bfloat16 / float16 are computed in float32). Overflow-safe computation: one reduction,
+  ``sum(g^2)``, plus one scalar check and a ``lax.cond`` that skips the fallback, whenever that
+  sum is finite in every slice and its square root (plus ``eps``) is large enough that squares
+  lost to underflow cannot change it by a rounding; otherwise (a gradient of scale 1e18
+  over 4096 float32 units, whose sum of squares is ``inf``, or of scale 1e-30 with a tiny
+  ``eps``, whose squares underflow to 0) every slice is first divided by its largest magnitude
+  (clipped to a power-of-two range so that the reciprocal is a normal number) and the norm is
+  taken of the scaled slice. Any finite gradient keeps its direction and gets norm
+  ``target * ||g|| / (||g|| + eps)``; an all-zero slice maps to zero (no NaN, and a zero
+  derivative of the norm there for second-order differentiation). Subnormal entries count as
+  zero where the backend flushes denormals (XLA:CPU does), which moves the direction by less
+  than ``2 * sqrt(units) * tiny / ||g||`` (relative); a slice made only of subnormals then maps
+  to zero.
 
   Args:
     g: cotangent array (any float dtype).
@@ -115,12 +191,16 @@ def normalize_gradient(g, mode: str, target, eps: float):
     The rescaled gradient, in ``g``'s dtype.
 
   References:
-    Cabana & Lago-Fernandez (2021), papers.md section 2(a).
+    Cabana & Lago-Fernandez, "Backward Gradient Normalization in Deep Neural Networks",
+    arXiv 2106.09475 (2021), https://arxiv.org/abs/2106.09475. The fallback is the textbook
+    overflow-safe 2-norm: divide by the largest magnitude before squaring.
   """
   s = target_scale(g.shape, mode, target)
-  g32 = g.astype(jnp.float32)
-  norm = _safe_norm(jnp.sum(g32 * g32, axis=norm_axes(g.ndim, mode), keepdims=True))
-  return (g32 * (s / (norm + eps))).astype(g.dtype)
+  axes = norm_axes(g.ndim, mode)
+  units = math.prod(g.shape[a] for a in axes)
+  gc = jnp.asarray(g).astype(compute_dtype(g.dtype))
+  a, c = _rescale_factors(gc, axes, units, s, eps)
+  return ((gc * a) * c).astype(g.dtype)
 
 
 @functools.cache
@@ -149,11 +229,11 @@ def backward_grad_norm(x, *, mode: str = 'per_sample', target='sqrt_units', eps:
       dL/dx = s * g / (||g||_2 + eps)
 
   **Reconstruction.** The paper's axes, target ``s`` and ``eps`` are not public; third-party
-  implementations disagree (papers.md section 2). The default here follows Sombressoul/dyna:
+  implementations disagree. The default here follows the GitHub project Sombressoul/dyna:
   per-sample L2 norm over all non-batch axes, ``s = sqrt(units per sample)`` (RMS 1 per unit),
   ``eps = 1e-6`` added to the norm. Alternatives, all reachable through the arguments:
 
-  - llm-random ``scale_norm`` v1: norm over the whole tensor (``mode='per_batch'``) with
+  - llm-random (GitHub) ``scale_norm`` v1: norm over the whole tensor (``mode='per_batch'``) with
     ``s = sqrt(units per sample)``: pass that value as a float ``target``.
   - llm-random v2: whole tensor with ``s = sqrt(d_model)`` (a float ``target``); its extra
     exponent ``c`` on the norm is not offered.
@@ -184,12 +264,16 @@ def backward_grad_norm(x, *, mode: str = 'per_sample', target='sqrt_units', eps:
       (1.0) or a positive Python float.
     eps: positive Python float added to the norm; a zero gradient maps to zero (no NaN).
 
+  The backward is overflow- and underflow-safe and keeps float64 in float64: see
+  :func:`normalize_gradient`.
+
   Returns:
     ``x`` itself (identity forward).
 
   References:
     Cabana & Lago-Fernandez, "Backward Gradient Normalization in Deep Neural Networks",
-    arXiv 2106.09475, papers.md section 2(a); default [recon] after Sombressoul/dyna [3p].
+    arXiv 2106.09475 (2021), https://arxiv.org/abs/2106.09475; the default is a reconstruction
+    after the third-party Sombressoul/dyna implementation.
   """
   validate_args(mode, target, eps)
   check_input(x, mode)

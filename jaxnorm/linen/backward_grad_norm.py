@@ -2,7 +2,7 @@
 
 References:
   Cabana & Lago-Fernandez, "Backward Gradient Normalization in Deep Neural Networks",
-  arXiv 2106.09475; jaxnorm papers.md section 2.
+  arXiv 2106.09475 (2021), https://arxiv.org/abs/2106.09475.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ class BackwardGradNorm(nn.Module):
   A parameter-free layer. See :func:`jaxnorm.functional.backward_grad_norm.backward_grad_norm`
   for the exact rule, its behaviour under ``vmap`` / ``scan`` / ``remat``, and why forward-mode AD
   (``jax.jvp``, ``jax.jacfwd``) through it is undefined. The defaults (per-sample norm, target
-  ``sqrt(units)``, ``eps=1e-6``) are a reconstruction (papers.md section 2; the paper's code is not
-  public).
+  ``sqrt(units)``, ``eps=1e-6``) are a reconstruction (the paper's code is not public).
 
   The forward pass is bit-identical to the input, so the layer has no ``dtype``: it never casts.
   ``enabled=False`` turns it into a plain identity (nothing in the backward pass either), e.g.
@@ -43,8 +42,9 @@ class BackwardGradNorm(nn.Module):
     enabled: if False the layer is the identity in both passes.
 
   References:
-    Cabana & Lago-Fernandez (2021), papers.md section 2(a) [recon defaults after
-    Sombressoul/dyna].
+    Cabana & Lago-Fernandez, "Backward Gradient Normalization in Deep Neural Networks",
+    arXiv 2106.09475 (2021); defaults reconstructed after the third-party Sombressoul/dyna
+    implementation.
   """
 
   mode: str = 'per_sample'

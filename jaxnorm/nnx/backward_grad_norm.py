@@ -2,7 +2,7 @@
 
 References:
   Cabana & Lago-Fernandez, "Backward Gradient Normalization in Deep Neural Networks",
-  arXiv 2106.09475; jaxnorm papers.md section 2.
+  arXiv 2106.09475 (2021), https://arxiv.org/abs/2106.09475.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class BackwardGradNorm(nnx.Module):
 
   Same semantics as :class:`jaxnorm.linen.BackwardGradNorm` (no parameters, no state); see
   :func:`jaxnorm.functional.backward_grad_norm.backward_grad_norm` for the rule, its behaviour
-  under transformations and its reconstructed defaults (papers.md section 2).
+  under transformations and its reconstructed defaults.
 
   Args:
     mode: ``'per_sample'`` (norm over all axes but 0) or ``'per_batch'`` (whole tensor).
@@ -29,7 +29,8 @@ class BackwardGradNorm(nnx.Module):
     rngs: accepted for signature uniformity with other NNX layers; unused.
 
   References:
-    Cabana & Lago-Fernandez (2021), papers.md section 2(a) [recon defaults].
+    Cabana & Lago-Fernandez, "Backward Gradient Normalization in Deep Neural Networks",
+    arXiv 2106.09475 (2021); the defaults are a reconstruction (the paper's code is not public).
   """
 
   def __init__(self, mode: str = 'per_sample', target: Any = 'sqrt_units', eps: float = 1e-6,
