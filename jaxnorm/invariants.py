@@ -32,8 +32,8 @@ from collections.abc import Sequence
 import chex
 import jax.numpy as jnp
 
+from jaxnorm.functional import _backward_grad_norm as bgn_lib
 from jaxnorm.functional import _checks
-from jaxnorm.functional import backward_grad_norm as bgn_lib
 
 _MOD = 'jaxnorm.invariants'
 
@@ -126,7 +126,7 @@ def assert_per_sample_grad_norm(g, target='sqrt_units', *, mode: str = 'per_samp
   Args:
     g: floating-point gradient, batch on axis 0 for ``mode='per_sample'``.
     target: ``'sqrt_units'``, ``'unit'`` or a positive float, as in
-      :func:`jaxnorm.functional.backward_grad_norm.backward_grad_norm`.
+      :func:`jaxnorm.functional.backward_grad_norm`.
     mode: ``'per_sample'`` (norm over all axes but 0) or ``'per_batch'`` (whole tensor).
     rtol: relative tolerance on each norm.
     atol: absolute tolerance on each norm.

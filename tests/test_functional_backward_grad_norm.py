@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from jaxnorm.functional.backward_grad_norm import backward_grad_norm, target_scale
+from jaxnorm.functional._backward_grad_norm import backward_grad_norm, target_scale
 
 
 def _np_bgn(g, mode, target, eps):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxnorm import invariants as inv
-from jaxnorm.functional.backward_grad_norm import backward_grad_norm
+from jaxnorm.functional._backward_grad_norm import backward_grad_norm
 
 
 def _under_chexify_jit(check):

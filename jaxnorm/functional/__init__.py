@@ -26,8 +26,8 @@ from jaxnorm.functional._batch_norm import normalize as normalize
 # isort: split
 
 # --- Backward Gradient Normalization ---
-# BGN-PENDING from jaxnorm.functional._backward_grad_norm import backward_grad_norm as backward_grad_norm
-# BGN-PENDING from jaxnorm.functional._backward_grad_norm import normalize_gradient as normalize_gradient
+from jaxnorm.functional._backward_grad_norm import backward_grad_norm as backward_grad_norm
+from jaxnorm.functional._backward_grad_norm import normalize_gradient as normalize_gradient
 
 # isort: split
 

@@ -11,13 +11,13 @@ from typing import Any
 
 import flax.linen as nn
 
-from jaxnorm.functional import backward_grad_norm as bgn_lib
+from jaxnorm.functional import _backward_grad_norm as bgn_lib
 
 
 class BackwardGradNorm(nn.Module):
   """Backward Gradient Normalization node: ``y = x``; backward ``g -> target * g / (||g|| + eps)``.
 
-  A parameter-free layer. See :func:`jaxnorm.functional.backward_grad_norm.backward_grad_norm`
+  A parameter-free layer. See :func:`jaxnorm.functional.backward_grad_norm`
   for the exact rule, its behaviour under ``vmap`` / ``scan`` / ``remat``, and why forward-mode AD
   (``jax.jvp``, ``jax.jacfwd``) through it is undefined. The defaults (per-sample norm, target
   ``sqrt(units)``, ``eps=1e-6``) are a reconstruction (the paper's code is not public).

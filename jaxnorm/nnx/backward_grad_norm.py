@@ -11,14 +11,14 @@ from typing import Any
 
 from flax import nnx
 
-from jaxnorm.functional import backward_grad_norm as bgn_lib
+from jaxnorm.functional import _backward_grad_norm as bgn_lib
 
 
 class BackwardGradNorm(nnx.Module):
   """Backward Gradient Normalization node: ``y = x``; backward ``g -> target * g / (||g|| + eps)``.
 
   Same semantics as :class:`jaxnorm.linen.BackwardGradNorm` (no parameters, no state); see
-  :func:`jaxnorm.functional.backward_grad_norm.backward_grad_norm` for the rule, its behaviour
+  :func:`jaxnorm.functional.backward_grad_norm` for the rule, its behaviour
   under transformations and its reconstructed defaults.
 
   Args:
