@@ -198,3 +198,22 @@ def test_group_norm_groups_must_divide_the_channels_of_wide_layers():
   # Narrow layers (C < groups) use gcd(groups, C) groups: the default 32 works at width 4.
   variables = cifar_resnet(8, width=4, norm='group_norm').init(jax.random.PRNGKey(0), x)
   assert variables['params']['stem_norm']['group_norm']['scale'].shape == (4,)
+
+
+@pytest.mark.parametrize('make', [
+    lambda **kw: cifar_resnet(8, width=4, **kw),
+    lambda **kw: wide_resnet(10, 1, base_width=4, **kw),
+])
+def test_regularized_skipinit_has_no_normalization(make):
+  # De & Smith's Regularized SkipInit: no normalization layer, SkipInit(0), conv biases, dropout.
+  model = make(regularized=True)
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((2, 8, 8, 3)))
+  assert 'batch_stats' not in variables
+  paths = ['/'.join(str(getattr(k, 'key', k)) for k in path)
+           for path, _ in jax.tree_util.tree_leaves_with_path(variables['params'])]
+  assert not [p for p in paths if 'norm' in p.split('/')[-2].lower()], paths
+  assert any(p.endswith('skip_init/gain') for p in paths)
+  assert any('conv' in p and p.endswith('bias') for p in paths)
+  assert model.dropout_rate > 0 and model.skip_init == 0.0
+  with pytest.raises(ValueError, match='regularized'):
+    make(regularized=True, norm='group_norm')

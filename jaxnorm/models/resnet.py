@@ -242,19 +242,28 @@ def _check_preset(layer: str, **counts) -> None:
     check_count(layer, arg, value)
 
 
-def _regularized(kw: dict, regularized: bool) -> dict:
-  """Regularized SkipInit (De & Smith): SkipInit(0) + conv biases + dropout before the head.
+def _regularized(kw: dict, regularized: bool, norm, layer: str) -> tuple[dict, object]:
+  """Regularized SkipInit (De & Smith): no normalization, SkipInit(0), conv biases, dropout.
 
-  The dropout rate is not recoverable from the public material (a reconstruction: 0.2 by default
-  here).
+  The paper's variant is unnormalized, so ``regularized=True`` builds ``norm='none'``: the
+  presets' default ``'batch_norm'`` is replaced, and any other norm raises. The dropout rate is
+  not recoverable from the public material (a reconstruction: 0.2 by default here).
+
+  Returns:
+    ``(kw, norm)``: the model keywords and the norm to build with.
   """
   if regularized:
+    if norm not in ('batch_norm', 'none'):
+      fail(layer, 'norm', "'none' (or the default) with regularized=True: Regularized SkipInit "
+           'is unnormalized', repr(norm))
+    norm = 'none'
+
     if kw.get('skip_init') is None:
       kw['skip_init'] = 0.0
     kw.setdefault('conv_bias', True)
     if not kw.get('dropout_rate'):
       kw['dropout_rate'] = 0.2
-  return kw
+  return kw, norm
 
 
 def cifar_resnet(depth: int = 20, *, width: int = 16, norm: str | NormSpec = 'batch_norm',
@@ -285,7 +294,7 @@ def cifar_resnet(depth: int = 20, *, width: int = 16, norm: str | NormSpec = 'ba
   if depth < 8 or (depth - 2) % 6:
     fail('cifar_resnet', 'depth', '6n + 2 with n >= 1 (20, 56, 110, 1202, ...)', depth)
   n = (depth - 2) // 6
-  kw = _regularized(dict(skip_init=skip_init, **kwargs), regularized)
+  kw, norm = _regularized(dict(skip_init=skip_init, **kwargs), regularized, norm, 'cifar_resnet')
   return ResNet(stage_sizes=(n, n, n), widths=(width, 2 * width, 4 * width), stem_width=width,
                 strides=(1, 2, 2), stem='cifar', norm=norm, num_classes=num_classes, **kw)
 
@@ -314,7 +323,7 @@ def wide_resnet(depth: int = 16, width: int = 4, *, base_width: int = 16,
   if depth < 10 or (depth - 4) % 6:
     fail('wide_resnet', 'depth', '6n + 4 with n >= 1 (16, 28, 100, 1000, ...)', depth)
   n = (depth - 4) // 6
-  kw = _regularized(dict(skip_init=skip_init, **kwargs), regularized)
+  kw, norm = _regularized(dict(skip_init=skip_init, **kwargs), regularized, norm, 'wide_resnet')
   kw.setdefault('style', 'v2')
   return ResNet(stage_sizes=(n, n, n), widths=tuple(base_width * width * m for m in (1, 2, 4)),
                 stem_width=base_width, strides=(1, 2, 2), stem='cifar', norm=norm,
@@ -341,7 +350,7 @@ def resnet50(style: str = 'v1', *, width: int = 64, norm: str | NormSpec = 'batc
     Towards the Identity Function in Deep Networks', arXiv:2002.10444 (ResNet-50-V2).
   """
   _check_preset('resnet50', width=width, num_classes=num_classes)
-  kw = _regularized(dict(skip_init=skip_init, **kwargs), regularized)
+  kw, norm = _regularized(dict(skip_init=skip_init, **kwargs), regularized, norm, 'resnet50')
   return ResNet(stage_sizes=(3, 4, 6, 3), widths=tuple(width * m for m in (1, 2, 4, 8)),
                 stem_width=width, strides=(1, 2, 2, 2), bottleneck=True, style=style,
                 stem='imagenet', norm=norm, num_classes=num_classes, **kw)
