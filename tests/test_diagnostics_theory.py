@@ -103,27 +103,8 @@ def test_gradient_variance_ratio_polynomial_for_bn_exponential_without():
 
 def test_gradient_recurrence_matches_numpy_backprop_through_bn_resnet():
   """Backprop a N(0,1) cotangent through a numpy BN pre-activation residual MLP."""
-  rng = np.random.default_rng(1)
-  batch, width, depth, eps = 256, 256, 16, 1e-5
-  x = rng.standard_normal((batch, width))
-  cache, avg_var = [], [x.var(0).mean()]
-  for _ in range(depth):
-    mu, var = x.mean(0), x.var(0)
-    xh = (x - mu) / np.sqrt(var + eps)
-    w = rng.standard_normal((width, width)) * math.sqrt(2 / width)
-    cache.append((xh, var, w))
-    x = x + np.maximum(xh, 0) @ w
-    avg_var.append(x.var(0).mean())
-  g = rng.standard_normal((batch, width))
-  grad_var = [g.var(0).mean()]
-  for xh, var, w in reversed(cache):
-    gr = (g @ w.T) * (xh > 0)
-    # Closed-form BN backward.
-    gx = (gr - gr.mean(0) - xh * (gr * xh).mean(0)) / np.sqrt(var + eps)
-    g = g + gx
-    grad_var.append(g.var(0).mean())
-  grad_var = np.array(grad_var[::-1])
-  pred = theory.gradient_variance_recurrence(np.array(avg_var), norm='batch_norm',
+  avg_var, grad_var, _ = _numpy_bn_resnet_backprop(1, 0.0, 1.0, depth=16)
+  pred = theory.gradient_variance_recurrence(avg_var, norm='batch_norm',
                                              grad_var_out=grad_var[-1])
   np.testing.assert_allclose(grad_var, pred['grad_var'], rtol=0.1)
 
@@ -145,8 +126,9 @@ def _numpy_bn_resnet_backprop(seed, grad_sq_mean_out, grad_var_out, batch=256, w
     cache.append((xh, var, w))
     x = x + np.maximum(xh, 0) @ w
     avg_var.append(x.var(0).mean())
-  g = (math.sqrt(grad_sq_mean_out) * rng.standard_normal(width)
-       + math.sqrt(grad_var_out) * rng.standard_normal((batch, width)))
+  # The channel means are drawn only when asked for (a zero-mean cotangent draws the noise alone).
+  mean = math.sqrt(grad_sq_mean_out) * rng.standard_normal(width) if grad_sq_mean_out else 0.0
+  g = mean + math.sqrt(grad_var_out) * rng.standard_normal((batch, width))
   grad_var, grad_sq_mean = [g.var(0).mean()], [(g.mean(0) ** 2).mean()]
   for xh, var, w in reversed(cache):
     gr = (g @ w.T) * (xh > 0)

@@ -22,6 +22,20 @@ def _state(value):
   return jax.device_put(state, steps.replicated(mesh))
 
 
+def _save_steps_1_and_2(directory):
+  ckpt = Checkpointer(str(directory))
+  for s in (1, 2):
+    ckpt.save(s, _state(float(s)), {'data': {'step': s}})
+  ckpt.close()
+
+
+def _truncate_array_store(checkpoint_dir):
+  """Damages a checkpoint: truncates every file of its array store."""
+  for root, _, files in os.walk(checkpoint_dir / 'state'):
+    for name in files:
+      open(os.path.join(root, name), 'wb').close()
+
+
 def test_round_trip_restores_state_and_extra_exactly(tmp_path):
   ckpt = Checkpointer(str(tmp_path))
   ckpt.save(3, _state(3.0), {'data': {'step': 3}, 'window': {'loss': 0.1 + 0.2}})
@@ -38,14 +52,8 @@ def test_no_checkpoint_returns_none(tmp_path):
 
 
 def test_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, capsys):
-  ckpt = Checkpointer(str(tmp_path))
-  for s in (1, 2):
-    ckpt.save(s, _state(float(s)), {'data': {'step': s}})
-  ckpt.close()
-  # Damage checkpoint 2: truncate every file of its array store.
-  for root, _, files in os.walk(tmp_path / '2' / 'state'):
-    for name in files:
-      open(os.path.join(root, name), 'wb').close()
+  _save_steps_1_and_2(tmp_path)
+  _truncate_array_store(tmp_path / '2')
   # A save killed midway leaves only Orbax's temporary directory: it is not a checkpoint.
   os.makedirs(tmp_path / '3.orbax-checkpoint-tmp-1234567' / 'state')
   step, state, extra = Checkpointer(str(tmp_path)).restore_latest(_state(0.0))
@@ -55,13 +63,8 @@ def test_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_pat
 
 
 def test_damaged_checkpoint_is_moved_aside_so_its_step_is_saved_again(tmp_path, capsys):
-  ckpt = Checkpointer(str(tmp_path))
-  for s in (1, 2):
-    ckpt.save(s, _state(float(s)), {'data': {'step': s}})
-  ckpt.close()
-  for root, _, files in os.walk(tmp_path / '2' / 'state'):
-    for name in files:
-      open(os.path.join(root, name), 'wb').close()
+  _save_steps_1_and_2(tmp_path)
+  _truncate_array_store(tmp_path / '2')
   ckpt = Checkpointer(str(tmp_path))
   step, _, _ = ckpt.restore_latest(_state(0.0))
   assert step == 1
