@@ -29,6 +29,7 @@ A non-finite training loss stops the run: the step is recorded in ``metrics.json
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -168,6 +169,22 @@ def _model_error(e: Exception, config) -> Exception | None:
       config.model[where.split('.')[1]])
 
 
+@contextlib.contextmanager
+def _model_errors_as_config_errors(config):
+  """Re-raises a jaxnorm layer's argument error as a ConfigError naming the model field.
+
+  jaxnorm layers check their arguments when first called ("<layer>: argument `x` expected ...,
+  got ..."), i.e. at init and when the train step is first traced; other errors pass unchanged.
+  """
+  try:
+    yield
+  except (TypeError, ValueError) as e:
+    error = _model_error(e, config)
+    if error is None:
+      raise
+    raise error from None
+
+
 def _load(config, split):
   return data_lib.load_dataset(
       config.dataset, split, data_dir=config.data_dir or None, image_size=config.image_size,
@@ -267,15 +284,8 @@ def _run(config, workdir, mesh, primary, model, step_callback, stop) -> dict[str
   # Initialize on the first training batch (real data: data-dependent initializations such as
   # PWSConv(init_alpha=True) need it), also when resuming, so the state's structure never varies.
   init_batch = steps.shard_batch(iterator.batch(0), mesh)['image']
-  try:
+  with _model_errors_as_config_errors(config):
     state = steps.create_train_state(model, tx, init_batch, config.seed, mesh)
-  except (TypeError, ValueError) as e:
-    # jaxnorm layers check their arguments when first called: report a rejected model field
-    # ("<layer>: argument `x` expected ..., got ...") as a config error naming it.
-    error = _model_error(e, config)
-    if error is None:
-      raise
-    raise error from None
 
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'),
                       max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints)
@@ -331,17 +341,10 @@ def _run(config, workdir, mesh, primary, model, step_callback, stop) -> dict[str
     first = True
     while step < total:
       batch = steps.shard_batch(next(iterator), mesh)
-      if first:  # The first call traces the model on a training batch: report argument errors.
-        first = False
-        try:
-          state, metrics = train_step(state, batch)
-        except (TypeError, ValueError) as e:
-          error = _model_error(e, config)
-          if error is None:
-            raise
-          raise error from None
-      else:
+      # The first call traces the model on a training batch: report its argument errors.
+      with _model_errors_as_config_errors(config) if first else contextlib.nullcontext():
         state, metrics = train_step(state, batch)
+      first = False
       step += 1
       steps_since += 1
       pending.append((step, metrics))
