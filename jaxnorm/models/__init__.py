@@ -44,6 +44,8 @@ References:
   arXiv:1806.02375.
   De & Smith (2020), 'Batch Normalization Biases Residual Blocks Towards the Identity Function in
   Deep Networks', arXiv:2002.10444.
+  Zhang, Dauphin & Ma (2019), 'Fixup Initialization: Residual Learning Without Normalization',
+  arXiv:1901.09321 (``fixup=True`` of the ResNets).
   Cabana & Lago-Fernandez (2021), 'Backward Gradient Normalization in Deep Neural Networks',
   arXiv:2106.09475.
   Liu, Ge, Li & Gui (2021), 'Delving into Variance Transmission and Normalization: Shift of
@@ -55,6 +57,7 @@ References:
 from jaxnorm.models.blocks import NFResidualBlock as NFResidualBlock
 from jaxnorm.models.blocks import ResidualBlock as ResidualBlock
 from jaxnorm.models.decay import decay_mask as decay_mask
+from jaxnorm.models.fixup import FixupResidualBlock as FixupResidualBlock
 from jaxnorm.models.mlp import MLP as MLP
 from jaxnorm.models.mlp import ResidualMLP as ResidualMLP
 from jaxnorm.models.registry import NORMS as NORMS

@@ -14,6 +14,10 @@ Styles (``f`` = residual branch, ``sc`` = shortcut, ``g`` = SkipInit gain):
 ``NFResidualBlock`` is the NF-ResNet variant (Brock et al. 2021) for specs with NF bookkeeping
 (``'scaled_ws'``): ``p = act(x) * beta`` in 'v2' and ``out = sc + alpha * g * f``.
 
+``FixupResidualBlock`` (``jaxnorm.models.fixup``) is the Fixup variant (Zhang, Dauphin & Ma 2019)
+of the unnormalized 'v1' / 'v2' blocks: scalar biases and a multiplier in the branch, its last conv
+initialised at 0.
+
 Bottleneck branches are 1x1 -> 3x3 (stride here) -> 1x1 with 4x output channels.
 
 Instrumentation (kept exact for ``jaxnorm.diagnostics``): ``sow('intermediates', 'branch', f)``
@@ -106,15 +110,31 @@ class ResidualBlock(nn.Module):
     """The branch after its SkipInit gain, before the add (hook for NF-ResNet's alpha)."""
     return h
 
+  @property
+  def out_features(self) -> int:
+    """Output channels: ``features`` (basic) or ``4 * features`` (bottleneck)."""
+    return self.features * (EXPANSION if self.bottleneck else 1)
+
+  def _branch_shapes(self) -> list[tuple[int, int, int]]:
+    """``(features, kernel_size, strides)`` of every conv of the branch, in order."""
+    if self.bottleneck:
+      return [(self.features, 1, 1), (self.features, 3, self.strides), (self.out_features, 1, 1)]
+    return [(self.features, 3, self.strides), (self.features, 3, 1)]
+
+  def _tap_output(self, out):
+    """The block output's taps (perturb + sow 'skip') and BackwardGradNorm nodes."""
+    L = self.layers
+    out = perturb(self, 'skip', out)
+    self.sow('intermediates', 'skip', out)
+    out = L.bgn_node(out, 'block', name='bgn_block')
+    return L.bgn_node(out, 'layer', name='bgn_out')
+
   def _residual(self, x, p, train: bool):
     """The block given its input ``x`` and pre-activation ``p``: branch, shortcut, add, taps."""
     L = self.layers
     act = L.act
-    out_features = self.features * (EXPANSION if self.bottleneck else 1)
-    if self.bottleneck:
-      shapes = [(self.features, 1, 1), (self.features, 3, self.strides), (out_features, 1, 1)]
-    else:
-      shapes = [(self.features, 3, self.strides), (self.features, 3, 1)]
+    out_features = self.out_features
+    shapes = self._branch_shapes()
 
     if self.style != 'v1':
       p = L.bgn_node(p, 'layer', name='bgn_pre')
@@ -146,10 +166,7 @@ class ResidualBlock(nn.Module):
     out = sc + h
     if self.style == 'v1':
       out = act(out)
-    out = perturb(self, 'skip', out)
-    self.sow('intermediates', 'skip', out)
-    out = L.bgn_node(out, 'block', name='bgn_block')
-    return L.bgn_node(out, 'layer', name='bgn_out')
+    return self._tap_output(out)
 
 
 class NFResidualBlock(ResidualBlock):

@@ -9,6 +9,8 @@ References:
   He, Zhang, Ren & Sun (2016a), 'Deep Residual Learning for Image Recognition', arXiv:1512.03385.
   He, Zhang, Ren & Sun (2016b), 'Identity Mappings in Deep Residual Networks', arXiv:1603.05027.
   Zagoruyko & Komodakis (2016), 'Wide Residual Networks', arXiv:1605.07146.
+  Zhang, Dauphin & Ma (2019), 'Fixup Initialization: Residual Learning Without Normalization',
+  arXiv:1901.09321 (``fixup=True``; see ``jaxnorm.models.fixup``).
   Bjorck, Gomes, Selman & Weinberger (2018), 'Understanding Batch Normalization',
   arXiv:1806.02375 (ResNet-110).
   De & Smith (2020), 'Batch Normalization Biases Residual Blocks Towards the Identity Function in
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 
 from jaxnorm.functional._checks import check_choice, check_positive, fail
 from jaxnorm.models.blocks import EXPANSION, STYLES, NFResidualBlock, ResidualBlock
+from jaxnorm.models.fixup import FIXUP_STYLES, FixupResidualBlock, ScalarBias
 from jaxnorm.models.registry import (
   Layers,
   NormSpec,
@@ -103,15 +106,22 @@ class ResNet(nn.Module):
     num_classes: classifier outputs.
     scan: scan identical blocks of a stage (None: automatic, see ``stacking.default_scan``).
     remat: rematerialise each block in the backward pass.
+    fixup: Fixup (Zhang, Dauphin & Ma 2019; ``jaxnorm.models.fixup``): ``FixupResidualBlock``
+      blocks (last branch conv at 0, the other branch convs He init times
+      ``L ** (-1 / (2m - 2))`` with ``L = num_blocks``, scalar biases and a multiplier per branch),
+      a scalar bias after the stem conv and before the head, and a head initialised at 0.
+      Requires ``norm='none'``, ``skip_init=None`` and style 'v1' or 'v2'.
 
   References:
     He, Zhang, Ren & Sun (2016a), 'Deep Residual Learning for Image Recognition',
     arXiv:1512.03385; He, Zhang, Ren & Sun (2016b), 'Identity Mappings in Deep Residual
-    Networks', arXiv:1603.05027; De & Smith (2020), 'Batch Normalization Biases Residual Blocks
-    Towards the Identity Function in Deep Networks', arXiv:2002.10444; Liu, Ge, Li & Gui (2021),
-    'Delving into Variance Transmission and Normalization: Shift of Average Gradient Makes the
-    Network Collapse', arXiv:2103.11590; Brock, De & Smith (2021), 'Characterizing signal
-    propagation to close the performance gap in unnormalized ResNets', arXiv:2101.08692.
+    Networks', arXiv:1603.05027; Zhang, Dauphin & Ma (2019), 'Fixup Initialization: Residual
+    Learning Without Normalization', arXiv:1901.09321; De & Smith (2020), 'Batch Normalization
+    Biases Residual Blocks Towards the Identity Function in Deep Networks', arXiv:2002.10444; Liu,
+    Ge, Li & Gui (2021), 'Delving into Variance Transmission and Normalization: Shift of Average
+    Gradient Makes the Network Collapse', arXiv:2103.11590; Brock, De & Smith (2021),
+    'Characterizing signal propagation to close the performance gap in unnormalized ResNets',
+    arXiv:2101.08692.
   """
   stage_sizes: Sequence[int]
   widths: Sequence[int]
@@ -129,6 +139,7 @@ class ResNet(nn.Module):
   num_classes: int = 10
   scan: bool | None = None
   remat: bool = False
+  fixup: bool = False
 
   def _check(self) -> tuple[NormSpec, str]:
     spec = make_norm_spec(self.norm, 'ResNet', family='resnet')
@@ -151,6 +162,15 @@ class ResNet(nn.Module):
     check_count('ResNet', 'stem_width', self.stem_width)
     check_count('ResNet', 'num_classes', self.num_classes)
     check_positive('ResNet', 'dropout_rate', self.dropout_rate, allow_zero=True)
+    if self.fixup:
+      if spec.name != 'none':
+        fail('ResNet', 'norm', "'none' with fixup=True (Fixup replaces normalization; no "
+             'normalized or NF spec)', repr(spec.name))
+      if self.skip_init is not None:
+        fail('ResNet', 'skip_init', 'None with fixup=True (each Fixup branch has its own scalar '
+             'multiplier)', repr(self.skip_init))
+      if style not in FIXUP_STYLES:
+        fail('ResNet', 'style', "'v1' or 'v2' with fixup=True", repr(style))
     return spec, style
 
   @property
@@ -168,6 +188,8 @@ class ResNet(nn.Module):
     # Stem.
     k, s = (3, 1) if self.stem == 'cifar' else (7, 2)
     x = L.conv(self.stem_width, k, s, name='stem_conv', first=True)(x)
+    if self.fixup:  # Fixup: a scalar bias before the stem relu (v1) or the first block's (v2).
+      x = ScalarBias(name='stem_bias')(x)
     if style != 'v2':
       x = L.act(L.norm_or_outer(train, name='stem_norm')(x))
     if self.stem == 'imagenet':
@@ -188,7 +210,9 @@ class ResNet(nn.Module):
                    projection=stride != 1 or in_features != out_features)
       stage = dict(first=first, rest=dict(common), n=n, scan=scan, remat=self.remat,
                    name=f'stage_{si}')
-      if betas is None:
+      if self.fixup:
+        x = _FixupStage(**stage, num_blocks=self.num_blocks)(x, train)
+      elif betas is None:
         x = _Stage(**stage)(x, train)
       else:
         x = _NFStage(**stage, betas=tuple(betas[si]))(x, train)
@@ -202,6 +226,9 @@ class ResNet(nn.Module):
     x = jnp.mean(x, axis=(1, 2))
     if self.dropout_rate > 0:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    if self.fixup:  # Fixup: a scalar bias before the classifier, which starts at 0.
+      x = ScalarBias(name='head_bias')(x)
+      return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name='head')(x)
     return nn.Dense(self.num_classes, name='head')(x)
 
 
@@ -236,6 +263,21 @@ class _NFStage(_Stage):
     return x
 
 
+class _FixupStage(_Stage):
+  """A stage of Fixup blocks (``FixupResidualBlock``), each told the network's block count ``L``.
+
+  Zhang, Dauphin & Ma (2019), 'Fixup Initialization: Residual Learning Without Normalization',
+  arXiv:1901.09321.
+  """
+  num_blocks: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    extra = dict(num_blocks=self.num_blocks)
+    return run_blocks(FixupResidualBlock, {**self.first, **extra}, {**self.rest, **extra},
+                      self.n, x, train, scan=self.scan, remat=self.remat)
+
+
 def _check_preset(layer: str, **counts) -> None:
   """Fails fast on a non-int or non-positive depth / width / class count of a preset."""
   for arg, value in counts.items():
@@ -266,9 +308,32 @@ def _regularized(kw: dict, regularized: bool, norm, layer: str) -> tuple[dict, o
   return kw, norm
 
 
+def _fixup(fixup: bool, regularized: bool, norm, layer: str):
+  """The norm a preset builds with ``fixup``: Fixup is unnormalized, so the default becomes 'none'.
+
+  As with ``regularized=True``, the presets' default ``'batch_norm'`` is replaced by ``'none'``;
+  any other normalization, and ``regularized=True`` (a different unnormalized ResNet), raise.
+
+  Returns:
+    The norm to build with.
+  """
+  if not fixup:
+    return norm
+  if regularized:
+    fail(layer, 'fixup', 'False with regularized=True (Fixup and Regularized SkipInit are two '
+         'different unnormalized ResNets)', True)
+  if isinstance(norm, str) and norm == 'batch_norm':
+    return 'none'
+  name = norm.name if isinstance(norm, NormSpec) else norm
+  if name != 'none':
+    fail(layer, 'norm', "'none' (or the default) with fixup=True: Fixup is unnormalized",
+         repr(name))
+  return norm
+
+
 def cifar_resnet(depth: int = 20, *, width: int = 16, norm: str | NormSpec = 'batch_norm',
                  skip_init=None, num_classes: int = 10, regularized: bool = False,
-                 **kwargs) -> ResNet:
+                 fixup: bool = False, **kwargs) -> ResNet:
   """He et al.'s CIFAR ResNet-(6n+2): 3 stages of n basic blocks, widths w, 2w, 4w (w = 16).
 
   Projection (1x1 conv) shortcuts at the stage transitions (He et al.'s option B).
@@ -280,6 +345,8 @@ def cifar_resnet(depth: int = 20, *, width: int = 16, norm: str | NormSpec = 'ba
     skip_init: SkipInit gain init (None, float, 'inv_sqrt_depth').
     num_classes: classifier outputs.
     regularized: Regularized SkipInit (SkipInit + conv biases + dropout before the head).
+    fixup: Fixup (``ResNet.fixup``); builds ``norm='none'`` (the default 'batch_norm' is
+      replaced, another norm raises), the paper's CIFAR setting with the default style 'v1'.
     ``**kwargs``: further ``ResNet`` fields (style, bgn, scan, remat, ...).
 
   Returns:
@@ -288,27 +355,31 @@ def cifar_resnet(depth: int = 20, *, width: int = 16, norm: str | NormSpec = 'ba
   References:
     He, Zhang, Ren & Sun (2016a), 'Deep Residual Learning for Image Recognition',
     arXiv:1512.03385, Section 4.2; Bjorck, Gomes, Selman & Weinberger (2018), 'Understanding
-    Batch Normalization', arXiv:1806.02375 (ResNet-110).
+    Batch Normalization', arXiv:1806.02375 (ResNet-110); Zhang, Dauphin & Ma (2019), 'Fixup
+    Initialization: Residual Learning Without Normalization', arXiv:1901.09321 (Fixup).
   """
   _check_preset('cifar_resnet', depth=depth, width=width, num_classes=num_classes)
   if depth < 8 or (depth - 2) % 6:
     fail('cifar_resnet', 'depth', '6n + 2 with n >= 1 (20, 56, 110, 1202, ...)', depth)
   n = (depth - 2) // 6
+  norm = _fixup(fixup, regularized, norm, 'cifar_resnet')
   kw, norm = _regularized(dict(skip_init=skip_init, **kwargs), regularized, norm, 'cifar_resnet')
   return ResNet(stage_sizes=(n, n, n), widths=(width, 2 * width, 4 * width), stem_width=width,
-                strides=(1, 2, 2), stem='cifar', norm=norm, num_classes=num_classes, **kw)
+                strides=(1, 2, 2), stem='cifar', norm=norm, num_classes=num_classes, fixup=fixup,
+                **kw)
 
 
 def wide_resnet(depth: int = 16, width: int = 4, *, base_width: int = 16,
                 norm: str | NormSpec = 'batch_norm', skip_init=None, num_classes: int = 10,
-                regularized: bool = False, **kwargs) -> ResNet:
+                regularized: bool = False, fixup: bool = False, **kwargs) -> ResNet:
   """WRN-depth-width: pre-activation, 3 stages of (depth-4)/6 basic blocks, widths 16k, 32k, 64k.
 
   Args:
     depth: 6n + 4 (16, 28, 40, 100, 1000, ...).
     width: widening factor k.
     base_width: 16 in the paper (smaller for smoke tests); stem width = base_width.
-    norm, skip_init, num_classes, regularized, ``**kwargs``: as ``cifar_resnet``.
+    norm, skip_init, num_classes, regularized, fixup, ``**kwargs``: as ``cifar_resnet``
+      (Fixup in the WRN's pre-activation style 'v2', De & Smith's Fixup baseline).
 
   Returns:
     A ``ResNet`` (WRN-16-4: 2.7M parameters).
@@ -316,29 +387,32 @@ def wide_resnet(depth: int = 16, width: int = 4, *, base_width: int = 16,
   References:
     Zagoruyko & Komodakis (2016), 'Wide Residual Networks', arXiv:1605.07146; De & Smith (2020),
     'Batch Normalization Biases Residual Blocks Towards the Identity Function in Deep Networks',
-    arXiv:2002.10444 (depths 16, 100, 1000).
+    arXiv:2002.10444 (depths 16, 100, 1000); Zhang, Dauphin & Ma (2019), 'Fixup Initialization:
+    Residual Learning Without Normalization', arXiv:1901.09321 (Fixup).
   """
   _check_preset('wide_resnet', depth=depth, width=width, base_width=base_width,
                 num_classes=num_classes)
   if depth < 10 or (depth - 4) % 6:
     fail('wide_resnet', 'depth', '6n + 4 with n >= 1 (16, 28, 100, 1000, ...)', depth)
   n = (depth - 4) // 6
+  norm = _fixup(fixup, regularized, norm, 'wide_resnet')
   kw, norm = _regularized(dict(skip_init=skip_init, **kwargs), regularized, norm, 'wide_resnet')
   kw.setdefault('style', 'v2')
   return ResNet(stage_sizes=(n, n, n), widths=tuple(base_width * width * m for m in (1, 2, 4)),
                 stem_width=base_width, strides=(1, 2, 2), stem='cifar', norm=norm,
-                num_classes=num_classes, **kw)
+                num_classes=num_classes, fixup=fixup, **kw)
 
 
 def resnet50(style: str = 'v1', *, width: int = 64, norm: str | NormSpec = 'batch_norm',
              skip_init=None, num_classes: int = 1000, regularized: bool = False,
-             **kwargs) -> ResNet:
+             fixup: bool = False, **kwargs) -> ResNet:
   """ImageNet ResNet-50: 7x7/2 stem + maxpool, bottleneck stages [3, 4, 6, 3], stride on the 3x3.
 
   Args:
     style: 'v1' or 'v2' (De & Smith's ResNet-50-V2).
     width: first-stage branch width (64; smaller for smoke tests).
-    norm, skip_init, num_classes, regularized, ``**kwargs``: as ``cifar_resnet``.
+    norm, skip_init, num_classes, regularized, fixup, ``**kwargs``: as ``cifar_resnet`` (Fixup's
+      ImageNet model: bottleneck branches, m = 3, inner convs scaled by ``L ** -0.25``).
 
   Returns:
     A ``ResNet`` (25.6M parameters with 1000 classes).
@@ -347,13 +421,16 @@ def resnet50(style: str = 'v1', *, width: int = 64, norm: str | NormSpec = 'batc
     He, Zhang, Ren & Sun (2016a), 'Deep Residual Learning for Image Recognition',
     arXiv:1512.03385; He, Zhang, Ren & Sun (2016b), 'Identity Mappings in Deep Residual
     Networks', arXiv:1603.05027; De & Smith (2020), 'Batch Normalization Biases Residual Blocks
-    Towards the Identity Function in Deep Networks', arXiv:2002.10444 (ResNet-50-V2).
+    Towards the Identity Function in Deep Networks', arXiv:2002.10444 (ResNet-50-V2); Zhang,
+    Dauphin & Ma (2019), 'Fixup Initialization: Residual Learning Without Normalization',
+    arXiv:1901.09321 (Fixup ResNet-50).
   """
   _check_preset('resnet50', width=width, num_classes=num_classes)
+  norm = _fixup(fixup, regularized, norm, 'resnet50')
   kw, norm = _regularized(dict(skip_init=skip_init, **kwargs), regularized, norm, 'resnet50')
   return ResNet(stage_sizes=(3, 4, 6, 3), widths=tuple(width * m for m in (1, 2, 4, 8)),
                 stem_width=width, strides=(1, 2, 2, 2), bottleneck=True, style=style,
-                stem='imagenet', norm=norm, num_classes=num_classes, **kw)
+                stem='imagenet', norm=norm, num_classes=num_classes, fixup=fixup, **kw)
 
 
 def pws_resnet(depth: int = 34, *, width: int = 64, norm: str | NormSpec = 'pws',
