@@ -59,6 +59,7 @@ API_PACKAGES = {
     'jaxnorm.diagnostics': 'Signal propagation, theory, sweeps, spectra and plots.',
     'jaxnorm.diagnostics.theory': 'Closed-form predictions at initialization.',
     'jaxnorm.training': 'Data, jitted multi-device training, checkpoints, the launcher loop.',
+    'jaxnorm.studies': 'The reproduction harness: claims, resumable study parts and runs.',
     'jaxnorm.invariants': 'chex checks of shape and variance invariants for your own tests.',
 }
 

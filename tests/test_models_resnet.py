@@ -217,3 +217,45 @@ def test_regularized_skipinit_has_no_normalization(make):
   assert model.dropout_rate > 0 and model.skip_init == 0.0
   with pytest.raises(ValueError, match='regularized'):
     make(regularized=True, norm='group_norm')
+
+
+def test_block_scale_divides_every_block_output_by_sqrt2():
+  """x_{l+1} = (x_l + f(x_l)) / sqrt(2): the sown skip taps equal (input + branch) * scale."""
+  import jax
+  import numpy as np
+
+  from jaxnorm import models
+
+  scale = 0.5 ** 0.5
+  model = models.ResNet(stage_sizes=(3,), widths=(4,), strides=(1,), stem_width=4, style='v2',
+                        norm='none', block_scale=scale, scan=False)
+  x = np.random.default_rng(0).standard_normal((2, 6, 6, 3)).astype(np.float32)
+  variables = model.init(jax.random.PRNGKey(0), x)
+  _, state = model.apply(variables, x, mutable=['intermediates'])
+  inter = state['intermediates']
+  prev = np.asarray(inter['stem'][0])
+  blocks = inter['stage_0']
+  for i in range(3):
+    b = blocks[f'block_{i}']
+    skip, branch = np.asarray(b['skip'][0]), np.asarray(b['branch'][0])
+    np.testing.assert_allclose(skip, (prev + branch) * scale, rtol=1e-5, atol=1e-6)
+    prev = skip
+  # Unnormalized, He init: E|x + f(x)|^2 ~ 2 E|x|^2, so dividing by sqrt(2) keeps the second
+  # moment of the skip path near its stem value instead of doubling it per block.
+  assert 0.2 < np.mean(prev ** 2) / np.mean(np.asarray(inter['stem'][0]) ** 2) < 5
+
+
+def test_block_scale_rejects_non_positive_and_fixup():
+  import jax
+  import numpy as np
+  import pytest
+
+  from jaxnorm import models
+
+  x = np.zeros((2, 4, 4, 3), np.float32)
+  for kw in ({'block_scale': 0.0, 'norm': 'none'}, {'block_scale': 0.7, 'fixup': True,
+                                                     'norm': 'none'}):
+    model = models.ResNet(stage_sizes=(1,), widths=(4,), strides=(1,), stem_width=4,
+                          style='v2', **kw)
+    with pytest.raises(ValueError, match='block_scale'):
+      model.init(jax.random.PRNGKey(0), x)

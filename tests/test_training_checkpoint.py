@@ -77,3 +77,20 @@ def test_damaged_checkpoint_is_moved_aside_so_its_step_is_saved_again(tmp_path, 
   step, state, extra = Checkpointer(str(tmp_path)).restore_latest(_state(0.0))
   assert step == 2 and extra['data'] == {'step': 2}
   np.testing.assert_array_equal(state.params['w'], np.full((3, 2), 20.0))
+
+
+def test_restore_a_given_step_and_a_missing_one(tmp_path):
+  import jax.numpy as jnp
+  import pytest
+
+  from jaxnorm.training import Checkpointer
+
+  ckpt = Checkpointer(str(tmp_path), max_to_keep=3)
+  for step in (1, 2):
+    ckpt.save(step, {'w': jnp.full((3,), float(step))}, {'step': step})
+  ckpt.wait()
+  state, extra = ckpt.restore(1, {'w': jnp.zeros((3,))})
+  assert float(state['w'][0]) == 1.0 and extra == {'step': 1}
+  with pytest.raises(FileNotFoundError, match=r'checkpoints: \[1, 2\]'):
+    ckpt.restore(7, {'w': jnp.zeros((3,))})
+  ckpt.close()

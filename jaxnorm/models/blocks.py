@@ -62,6 +62,8 @@ class ResidualBlock(nn.Module):
     style: 'v1', 'v2' or 'relu_first'.
     projection: a 1x1 conv shortcut (width or stride changes) instead of the identity.
     skip_init: None (no gain) or the initial value of SkipInit's scalar gain.
+    block_scale: None, or a fixed factor on the block output ``(sc + g * f) * block_scale``
+      (De & Smith's "divide the residual block by sqrt(2)" baseline: ``0.5 ** 0.5``).
     scan_carry: return ``(out, None)`` (the body of ``nn.scan``) instead of ``out``.
 
   Call: ``block(x, train)``.
@@ -84,6 +86,7 @@ class ResidualBlock(nn.Module):
   style: str = 'v1'
   projection: bool = False
   skip_init: float | None = None
+  block_scale: float | None = None
   scan_carry: bool = False
 
   @nn.compact
@@ -164,6 +167,8 @@ class ResidualBlock(nn.Module):
     else:
       sc = x
     out = sc + h
+    if self.block_scale is not None:
+      out = out * self.block_scale
     if self.style == 'v1':
       out = act(out)
     return self._tap_output(out)

@@ -111,6 +111,10 @@ class ResNet(nn.Module):
       ``L ** (-1 / (2m - 2))`` with ``L = num_blocks``, scalar biases and a multiplier per branch),
       a scalar bias after the stem conv and before the head, and a head initialised at 0.
       Requires ``norm='none'``, ``skip_init=None`` and style 'v1' or 'v2'.
+    block_scale: None, or a fixed factor on every block's output, ``x_{l+1} = (x_l + f(x_l)) *
+      block_scale`` (before the post-add activation in 'v1'): ``0.5 ** 0.5`` is De & Smith's
+      "divide the residual block by sqrt(2)" baseline, which keeps the unnormalized skip path's
+      variance constant at init but, unlike SkipInit, shrinks the earlier blocks' share.
 
   References:
     He, Zhang, Ren & Sun (2016a), 'Deep Residual Learning for Image Recognition',
@@ -140,6 +144,7 @@ class ResNet(nn.Module):
   scan: bool | None = None
   remat: bool = False
   fixup: bool = False
+  block_scale: float | None = None
 
   def _check(self) -> tuple[NormSpec, str]:
     spec = make_norm_spec(self.norm, 'ResNet', family='resnet')
@@ -162,6 +167,11 @@ class ResNet(nn.Module):
     check_count('ResNet', 'stem_width', self.stem_width)
     check_count('ResNet', 'num_classes', self.num_classes)
     check_positive('ResNet', 'dropout_rate', self.dropout_rate, allow_zero=True)
+    if self.block_scale is not None:
+      check_positive('ResNet', 'block_scale', self.block_scale)
+      if self.fixup or spec.is_nf:
+        fail('ResNet', 'block_scale', 'None with fixup=True or an NF-ResNet spec (they scale '
+             'their own branches)', repr(self.block_scale))
     if self.fixup:
       if spec.name != 'none':
         fail('ResNet', 'norm', "'none' with fixup=True (Fixup replaces normalization; no "
@@ -206,6 +216,8 @@ class ResNet(nn.Module):
       out_features = width * (EXPANSION if self.bottleneck else 1)
       common = dict(layers=L, features=width, bottleneck=self.bottleneck, style=style,
                     skip_init=skip_init)
+      if self.block_scale is not None:
+        common['block_scale'] = float(self.block_scale)
       first = dict(common, strides=stride,
                    projection=stride != 1 or in_features != out_features)
       stage = dict(first=first, rest=dict(common), n=n, scan=scan, remat=self.remat,

@@ -78,6 +78,20 @@ class Checkpointer:
     self.manager.reload()
     return aside
 
+  def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores checkpoint ``step`` into the structure of ``target``; returns ``(state, extra)``.
+
+    Raises:
+      FileNotFoundError: there is no checkpoint ``step`` (the message lists the ones there are).
+    """
+    if step not in self.all_steps():
+      raise FileNotFoundError(f'no checkpoint {self.path(step)}; checkpoints: {self.all_steps()}')
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), target)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
+    return restored['state'], dict(restored['extra'])
+
   def restore_latest(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
     """Restores the newest checkpoint that loads, newest first.
 

@@ -1,0 +1,1 @@
+"""jaxnorm experiment launchers: `python -m experiments.reproduce`, `experiments/train.py`."""
