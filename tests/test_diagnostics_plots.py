@@ -32,3 +32,14 @@ def test_save_per_block_figure_writes_a_png(tmp_path):
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   with pytest.raises(ValueError, match='panels'):
     plots.save_per_block_figure(str(tmp_path / 'g.png'), [])
+
+
+def test_panels_carry_their_scale_bands_and_markers():
+  fig, ax = plt.subplots()
+  plots.plot_per_block(ax, {'a': [1.0, 2.0, 3.0], 'b': [1.0, 2.0, 3.0]}, {'a': None}, logy=False,
+                       bands={'a': ([0.5, 1.5, 2.5], [1.5, 2.5, 3.5])}, markers={'b': 'o'})
+  assert ax.get_yscale() == 'linear'
+  lines = ax.get_lines()
+  assert len(lines) == 2 and lines[1].get_marker() == 'o'  # no theory line for a None entry
+  assert len(ax.collections) == 1                         # the shaded band of 'a'
+  plt.close(fig)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +29,7 @@ def _run(*args, timeout=600):
   (['--config.resnet.blocks=-1'], '--config.resnet.blocks'),
   (['--config.dataset=imagenet'], '--config.dataset'),
   (['--config.mlp.dpth=3'], 'Did you mean "depth"'),
+  (['--config.seeds=0'], '--config.seeds'),
 ])
 def test_bad_config_exits_with_one_line_error(args, needle, tmp_path):
   proc = _run(*args, f'--config.output_dir={tmp_path}', timeout=120)
@@ -58,5 +60,17 @@ def test_small_run_writes_both_figures_and_the_json_report(tmp_path):
     assert table[kind, 'skip_init_0']['var_growth'] == 1.0
     assert table[kind, 'skip_init_0']['gvar_ratio'] == 1.0
     assert table[kind, 'none']['var_growth'] > table[kind, 'batch_norm']['var_growth']
-  assert proc.stdout.count(' blocks in ') == 7
-  assert 'growth/blk' in proc.stdout
+  assert proc.stdout.count(' seeds in ') == 7
+  assert 'growth/blk' in proc.stdout and 'Theory agreement' in proc.stdout
+  # Two initializations per model: their per-block geometric mean is what is shown and compared.
+  bn = report['results']['resnet']['batch_norm']
+  assert len(bn['per_seed']) == 2 and bn['summary']['seeds'] == 2
+  lo, hi, mean = (np.asarray(bn['series'][k]) for k in ('avg_var_lo', 'avg_var_hi', 'avg_var'))
+  assert np.all(lo <= mean + 1e-9) and np.all(mean <= hi + 1e-9)
+  # The agreement summary covers every drawn line, row by row and in total.
+  agree = report['theory_agreement']
+  lines = [r for r in report['table'] if r['theory_agrees'] is not None]
+  assert agree['models'] == len(lines) and agree['agree'] + len(agree['disagree']) == len(lines)
+  assert table['resnet', 'skip_init_0']['theory_agrees'] is True
+  assert table['resnet', 'batch_norm']['gvar_ratio_theory'] is not None
+  assert table['resnet', 'scaled_ws']['gvar_ratio_theory'] is not None  # NF-ResNet mean field

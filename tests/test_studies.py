@@ -104,7 +104,7 @@ def test_every_full_scale_run_config_is_valid(paper):
       validate_config(cfg, num_devices=8)
     except ValueError as e:
       raise AssertionError(f'{paper} full-scale run {name}: {e}') from None
-    assert cfg.dataset in ('cifar10', 'imagenet2012'), name
+    assert cfg.dataset in ('mnist', 'cifar10', 'imagenet2012'), name
 
 
 @pytest.mark.parametrize('paper', PAPERS)

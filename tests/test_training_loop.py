@@ -165,3 +165,27 @@ def test_first_signal_is_noted_and_a_second_one_stops_at_once():
   finally:
     stop.uninstall()
   assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_signal_in_the_last_step_still_reaches_the_caller_after_the_run_is_saved(tmp_path):
+  """The run completes and is saved, and train() raises Preempted (a study stops, not continues)."""
+  import signal
+  import threading
+
+  from jaxnorm.training import Preempted
+
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip('signal handlers can only be installed in the main thread')
+  c = _config(total_steps=4, checkpoint_every=4, log_every=2)
+  previous = signal.getsignal(signal.SIGTERM)
+
+  def at_step(step):
+    if step == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with pytest.raises(Preempted) as e:
+    train(c, str(tmp_path), step_callback=at_step)
+  assert e.value.signum == signal.SIGTERM and e.value.step == 4
+  assert signal.getsignal(signal.SIGTERM) is previous
+  assert os.path.exists(tmp_path / 'summary.json')
+  assert train(c, str(tmp_path))['step'] == 4  # rerun: already finished, nothing trained

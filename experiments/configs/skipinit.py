@@ -95,12 +95,12 @@ def get_config(scale: str = 'cpu') -> ml_collections.ConfigDict:
   c.batch = ml_collections.ConfigDict({
       'depth': 16,
       'variants': 'batch_norm,ghost_batch_norm,skip_init_0',
-      'batch_sizes': (16, 64, 256),
+      'batch_sizes': (32, 128, 512),
       'learning_rates': (2.0 ** -5, 2.0 ** -3, 2.0 ** -1, 2.0 ** 1),
       'epochs': 4.0,
   })
   c.baselines = ml_collections.ConfigDict({
-      'variants': 'regularized_skip_init,fixup', 'learning_rate': 2.0 ** -2})
+      'variants': 'regularized_skip_init,fixup'})
   c.imagenet = ml_collections.ConfigDict({'enabled': False})
 
   if scale == 'smoke':

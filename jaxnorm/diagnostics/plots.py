@@ -30,19 +30,26 @@ _LAYER = 'jaxnorm.diagnostics.plots'
 def plot_per_block(ax, curves: Mapping[str, Sequence[float]],
                    theory: Mapping[str, Sequence[float]] | None = None, *, title: str = '',
                    ylabel: str = '', xlabel: str = 'block (0 = stem)', logy: bool = True,
-                   colors: Mapping[str, str] | None = None) -> None:
+                   colors: Mapping[str, str] | None = None,
+                   bands: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+                   markers: Mapping[str, str] | None = None) -> None:
   """Draws one solid line per normalization and its theory curve dashed, in the same colour.
 
   Args:
     ax: a matplotlib Axes.
     curves: normalization name -> per-block values (index 0 = stem).
-    theory: normalization name -> predicted per-block values (same indexing); optional.
+    theory: normalization name -> predicted per-block values (same indexing); optional; a None
+      value draws nothing.
     title: panel title.
     ylabel: y-axis label.
     xlabel: x-axis label.
-    logy: log-scale y axis (non-positive values are masked).
+    logy: log-scale y axis (non-positive values are masked); False: linear.
     colors: normalization name -> colour (keeps colours equal across panels); default: the
       matplotlib colour cycle in the order of ``curves``.
+    bands: normalization name -> ``(low, high)`` per-block values shaded in the line's colour
+      (e.g. the spread over initializations); optional.
+    markers: normalization name -> a matplotlib marker drawn on about 12 points of its line, to
+      tell apart lines that coincide (e.g. an identity-forward variant on its base); optional.
 
   References:
     Brock, De & Smith (2021), "Characterizing signal propagation to close the performance gap in
@@ -55,12 +62,21 @@ def plot_per_block(ax, curves: Mapping[str, Sequence[float]],
     ys = np.asarray(ys, np.float64)
     if logy:
       ys = np.where(ys > 0, ys, np.nan)
-    ax.plot(np.arange(len(ys)), ys, '-', color=color, lw=1.6, label=name)
+    marker = (markers or {}).get(name)
+    # Measured: wide and light, so that a theory line lying on it stays visible on top.
+    ax.plot(np.arange(len(ys)), ys, '-', color=color, lw=1.2 if marker else 2.6,
+            alpha=0.9 if marker else 0.5, label=name, marker=marker,
+            markevery=max(1, len(ys) // 12), markersize=4, fillstyle='none')
+    if bands and bands.get(name) is not None:
+      lo, hi = (np.asarray(b, np.float64) for b in bands[name])
+      if logy:
+        lo, hi = np.where(lo > 0, lo, np.nan), np.where(hi > 0, hi, np.nan)
+      ax.fill_between(np.arange(len(lo)), lo, hi, color=color, alpha=0.15, lw=0)
     if name in theory and theory[name] is not None:
       th = np.asarray(theory[name], np.float64)
       if logy:
         th = np.where(th > 0, th, np.nan)
-      ax.plot(np.arange(len(th)), th, '--', color=color, lw=1.0, alpha=0.9)
+      ax.plot(np.arange(len(th)), th, '--', color=color, lw=1.2)
   if logy:
     ax.set_yscale('log')
   ax.set_title(title, fontsize=10)
@@ -76,7 +92,8 @@ def save_per_block_figure(path: str, panels: Sequence[Mapping], *, ncols: int = 
   Args:
     path: output file (its directory is created).
     panels: one mapping per panel with keys ``curves``, and optionally ``theory``, ``title``,
-      ``ylabel``, ``logy``.
+      ``ylabel``, ``logy`` (default True), ``bands``, ``markers`` (see ``plot_per_block``):
+      e.g. one panel per family of curves, each on the y scale that separates them.
     ncols: panels per row.
     suptitle: figure title; a note "dashed: theory" is appended.
 
@@ -99,7 +116,8 @@ def save_per_block_figure(path: str, panels: Sequence[Mapping], *, ncols: int = 
   colors = {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
   for ax, panel in zip(axes.flat, panels, strict=False):
     plot_per_block(ax, panel['curves'], panel.get('theory'), title=panel.get('title', ''),
-                   ylabel=panel.get('ylabel', ''), logy=panel.get('logy', True), colors=colors)
+                   ylabel=panel.get('ylabel', ''), logy=panel.get('logy', True), colors=colors,
+                   bands=panel.get('bands'), markers=panel.get('markers'))
   for ax in list(axes.flat)[n:]:
     ax.set_visible(False)
   seen = {}

@@ -14,6 +14,7 @@ from jaxnorm.studies.harness import VERDICTS as VERDICTS
 from jaxnorm.studies.harness import Claim as Claim
 from jaxnorm.studies.harness import StudyDir as StudyDir
 from jaxnorm.studies.harness import as_float as as_float
+from jaxnorm.studies.harness import claims_markdown as claims_markdown
 from jaxnorm.studies.harness import format_claims as format_claims
 from jaxnorm.studies.harness import read_claims as read_claims
 from jaxnorm.studies.harness import run_study as run_study

@@ -340,6 +340,23 @@ def format_claims(claims: Sequence[Claim]) -> str:
   return '\n'.join(lines)
 
 
+def claims_markdown(claims: Sequence[Claim | dict]) -> str:
+  """The claims as a Markdown table (claim, paper, measured, verdict), e.g. for a report."""
+  def cell(v):
+    if isinstance(v, float):
+      v = f'{v:.3g}'
+    elif isinstance(v, (list, tuple)):
+      v = ' / '.join('-' if x is None else str(x) for x in v)
+    return str(v).replace('|', '\\|').replace('\n', ' ')
+
+  rows = ['| claim | paper | measured | verdict |', '| --- | --- | --- | --- |']
+  for c in claims:
+    c = c.to_dict() if isinstance(c, Claim) else c
+    rows.append(f'| {cell(c["claim"])} | {cell(c["paper_value"])} | {cell(c["measured"])} '
+                f'({cell(c["unit"])}) | **{c["verdict"]}** |')
+  return '\n'.join(rows)
+
+
 def write_claims(path: str, paper: str, scale: str, claims: Sequence[Claim]) -> None:
   """Writes ``claims`` to ``path`` as a JSON list of claim objects."""
   _write_json(path, [dict(c.to_dict(), paper=paper) for c in claims])

@@ -227,6 +227,8 @@ def _ladder_claims(c, study: StudyDir, res: dict) -> list[Claim]:
              f'{c.train.dataset}; figure skipinit_ladder.png.'))
   if 'skip_init_1' in best:
     div = sum(res['skip_init_1'][deep][str(lr)]['diverged'] for lr in lrs)
+    fail = sum(not (as_float(res['skip_init_1'][deep][str(lr)].get('eval_accuracy')) >= TRAINS)
+               for lr in lrs)
     claims.append(Claim(
         claim=f'SkipInit(1) (no downscaling) trains at depth {shallow} but fails at depth {deep}',
         paper_value='93.0% at depth 16; fails at depth 100 and 1000',
@@ -234,7 +236,8 @@ def _ladder_claims(c, study: StudyDir, res: dict) -> list[Claim]:
                  f'{100 * np.nan_to_num(acc("skip_init_1", deep)):.1f}%',
         unit=f'best test accuracy at depth {shallow} / {deep}', scale=scale,
         verdict=verdict_from([trains('skip_init_1', shallow), not trains('skip_init_1', deep)]),
-        note=f'{div} of {len(lrs)} learning rates diverged (NaN loss) at depth {deep}.'))
+        note=f'at depth {deep}, {fail} of {len(lrs)} learning rates fail to train (test accuracy '
+             f'< {TRAINS:.0%}; chance 10%), {div} of them with a non-finite loss.'))
   if 'divide_by_sqrt2' in best:
     lr_s, lr_d = best['divide_by_sqrt2'][shallow][1], best['divide_by_sqrt2'][deep][1]
     worse = acc('divide_by_sqrt2', deep) < acc('batch_norm', deep) - 0.01
@@ -246,8 +249,11 @@ def _ladder_claims(c, study: StudyDir, res: dict) -> list[Claim]:
                  f'{100 * np.nan_to_num(acc("divide_by_sqrt2", deep)):.1f}%',
         unit=f'best test accuracy at depth {shallow} / {deep}', scale=scale,
         verdict=verdict_from([worse or not trains('divide_by_sqrt2', deep),
-                              lr_d is None or lr_s is None or lr_d <= lr_s]),
-        note=f'best lr {lr_s} at depth {shallow}, {lr_d} at depth {deep}.'))
+                              not trains('divide_by_sqrt2', deep) or lr_d <= lr_s]),
+        note=(f'best lr {lr_s} at depth {shallow}; at depth {deep} no learning rate of the grid '
+              'trains (the paper needed 2^-5, below this grid)'
+              if not trains('divide_by_sqrt2', deep)
+              else f'best lr {lr_s} at depth {shallow}, {lr_d} at depth {deep}.')))
   if 'skip_init_inv_sqrt_depth' in best:
     claims.append(Claim(
         claim='SkipInit(1/sqrt(d)) trains at every depth',
@@ -353,13 +359,23 @@ def _norm_layer_count(c, variant: str, depth: int) -> int:
   return count + len(jax.tree.leaves(variables.get('batch_stats', {})))
 
 
+def _baseline_configs(c) -> dict:
+  """``{(variant, lr): config}``: the baselines at the ladder's first depth over its lr grid."""
+  depth = c.ladder.depths[0]
+  return {(v, lr): run_config(c, v, depth=depth, learning_rate=lr, steps=c.ladder.steps)
+          for v in names(c.baselines.variants) for lr in c.ladder.learning_rates}
+
+
 def _baselines(c, study: StudyDir) -> dict:
   depth = c.ladder.depths[0]
+  runs = {}
+  for (variant, lr), cfg in _baseline_configs(c).items():
+    runs.setdefault(variant, {})[str(lr)] = study.train(
+        f'baselines/{variant}/d{depth}/{_lr_name(lr)}', cfg)
   out = {}
-  for variant in names(c.baselines.variants):
-    cfg = run_config(c, variant, depth=depth, learning_rate=c.baselines.learning_rate,
-                     steps=c.ladder.steps)
-    out[variant] = dict(study.train(f'baselines/{variant}/d{depth}', cfg),
+  for variant, grid in runs.items():
+    acc, lr = _best(grid)
+    out[variant] = dict(eval_accuracy=acc, learning_rate=lr, grid=grid,
                         norm_layers=_norm_layer_count(c, variant, depth))
   return out
 
@@ -375,17 +391,23 @@ def _baseline_claims(c, study: StudyDir, res: dict) -> list[Claim]:
         paper_value='no normalization; 75.6% top-1 on ImageNet at batch 256 (BN 75.0)',
         measured=(f'{r["norm_layers"]} norm layers, '
                   f'{100 * np.nan_to_num(as_float(r["eval_accuracy"])):.1f}%'),
-        unit=f'norm layers, test accuracy (WRN-{depth})', scale=study.scale,
+        unit=f'norm layers, best test accuracy (WRN-{depth})', scale=study.scale,
         verdict=verdict_from([r['norm_layers'] == 0,
-                              as_float(r['eval_accuracy']) >= TRAINS])))
+                              as_float(r['eval_accuracy']) >= TRAINS]),
+        note=f'best learning rate {r["learning_rate"]} of the ladder grid; dropout 0.2 (a '
+             'reconstruction: the paper\'s rate is not recoverable).'))
   if 'fixup' in res:
     r = res['fixup']
     claims.append(Claim(
         claim='Fixup (Zhang et al. 2019) trains without normalization',
         paper_value='74.8% top-1 on ImageNet at batch 256 (BN 75.0)',
         measured=round(100 * np.nan_to_num(as_float(r['eval_accuracy'])), 1),
-        unit=f'% test accuracy (WRN-{depth})', scale=study.scale,
-        verdict=verdict_from([r['norm_layers'] == 0, as_float(r['eval_accuracy']) >= TRAINS])))
+        unit=f'% best test accuracy (WRN-{depth})', scale=study.scale,
+        verdict=verdict_from([r['norm_layers'] == 0, as_float(r['eval_accuracy']) >= TRAINS]),
+        note=f'best learning rate {r["learning_rate"]}; per lr: ' + ', '.join(
+            f'{lr}: ' + ('diverged' if g['diverged']
+                         else f'{100 * as_float(g["eval_accuracy"]):.1f}%')
+            for lr, g in r['grid'].items()) + '.'))
   return claims
 
 
@@ -456,10 +478,8 @@ def run_configs(c) -> dict:
   out.update({f'batch/{v}/b{b}/{_lr_name(lr)}': cfg
               for (v, b, lr), cfg in _batch_configs(c).items()})
   depth = c.ladder.depths[0]
-  for v in names(c.baselines.variants):
-    out[f'baselines/{v}/d{depth}'] = run_config(c, v, depth=depth,
-                                                learning_rate=c.baselines.learning_rate,
-                                                steps=c.ladder.steps)
+  out.update({f'baselines/{v}/d{depth}/{_lr_name(lr)}': cfg
+              for (v, lr), cfg in _baseline_configs(c).items()})
   if c.imagenet.enabled:
     out.update(imagenet_run_configs(c))
   return out

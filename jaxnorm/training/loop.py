@@ -257,9 +257,15 @@ def _train(config, workdir, mesh, primary, model, step_callback) -> dict[str, An
   stop = _StopRequest()
   stop.install()  # Before the slow set-up: a signal during it stops cleanly too.
   try:
-    return _run(config, workdir, mesh, primary, model, step_callback, stop)
+    summary = _run(config, workdir, mesh, primary, model, step_callback, stop)
   finally:
     stop.uninstall()
+  if stop.signum is not None:
+    # The signal came during the last step: the run is complete and saved, but whoever called
+    # train() asked to stop (a study must not start its next run), so it still hears of it.
+    raise Preempted(stop.signum, summary['step'],
+                    os.path.join(workdir, 'checkpoints', str(summary['step'])))
+  return summary
 
 
 def _run(config, workdir, mesh, primary, model, step_callback, stop) -> dict[str, Any]:
