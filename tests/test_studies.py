@@ -183,3 +183,11 @@ def test_claims_json_is_strict_json(tmp_path):
   with open(tmp_path / 'c.json') as f:
     data = json.loads(f.read(), parse_constant=lambda s: (_ for _ in ()).throw(ValueError(s)))
   assert data[0]['measured'] == 'nan'
+
+
+def test_a_part_computed_under_another_config_is_an_error_not_a_stale_result(tmp_path):
+  study = studies.StudyDir(str(tmp_path), 'smoke', log=lambda s: None)
+  assert study.part('m', lambda: 1, key={'width': 8}) == 1
+  assert study.part('m', lambda: 2, key={'width': 8}) == 1  # same config: read back
+  with pytest.raises(ValueError, match="part 'm' was computed under another config"):
+    study.part('m', lambda: 2, key={'width': 16})

@@ -158,18 +158,38 @@ class StudyDir:
   def has_part(self, name: str) -> bool:
     return os.path.exists(self._part_path(name))
 
-  def part(self, name: str, fn: Callable[[], Any], *, quiet: bool = False) -> Any:
+  def part(self, name: str, fn: Callable[[], Any], *, quiet: bool = False, key=None) -> Any:
     """The result of ``fn()`` (JSON-serializable), computed once and kept as ``parts/<name>.json``.
 
     A rerun reads the file back instead of calling ``fn`` (non-finite floats come back as the
     strings ``'nan'``, ``'inf'``; use :func:`as_float`).
+
+    Args:
+      name: the part's name (a relative path).
+      fn: computes the part.
+      quiet: no progress line.
+      key: what the result depends on (JSON-serializable, e.g. the config section it reads). A
+        stored part computed under another key is an error, not a silently stale result.
     """
     path = self._part_path(name)
+    digest = None if key is None else hashlib.sha256(
+        json.dumps(_jsonable(key), sort_keys=True).encode()).hexdigest()[:16]
+    key_path = path[:-len('.json')] + '.key'
     if os.path.exists(path):
+      if digest is not None and os.path.exists(key_path):
+        with open(key_path) as f:
+          old = f.read().strip()
+        if old != digest:
+          fail(_LAYER, 'workdir', f'a new directory, or the config that computed part {name!r}',
+               f'{self.workdir!r}, whose part {name!r} was computed under another config '
+               '(delete the part or use a new workdir)')
       with open(path) as f:
         return json.load(f)
     t = time.time()
     value = _jsonable(fn())
+    if digest is not None:
+      with open(key_path, 'w') as f:
+        f.write(digest)
     _write_json(path, value)
     if not quiet:
       self.log(f'{name}: done in {time.time() - t:.1f}s')
@@ -201,7 +221,7 @@ class StudyDir:
         index = json.load(f)
     same = index.get(digest)
     if same is not None and same != name and self.has_part(f'runs/{same}'):
-      return self.part(f'runs/{same}', lambda: None)
+      return self.part(f'runs/{same}', lambda: None, key=config_json(config))
 
     def run():
       workdir = self.path('runs', name, 'x')[:-2]
@@ -219,7 +239,7 @@ class StudyDir:
     cached = self.has_part(f'runs/{name}')
     if not cached:
       self.log(f'{name}: training ({config.total_steps} steps)')
-    result = self.part(f'runs/{name}', run, quiet=True)
+    result = self.part(f'runs/{name}', run, quiet=True, key=config_json(config))
     if not cached:
       acc = result.get('eval_accuracy')
       self.log(f'{name}: ' + ('diverged at step {}'.format(result['step']) if result['diverged']

@@ -104,7 +104,8 @@ def _theory_keywords(c, kind: str) -> dict:
 def _init_part(c, study: StudyDir) -> dict:
   out = {}
   for d in c.init.depths:
-    m = study.part(f'init/depth{d}', lambda d=d: _init_measure(c, d))
+    m = study.part(f'init/depth{d}', lambda d=d: _init_measure(c, d),
+                   key=[c.init.to_dict(), c.seed, d])
     out[str(d)] = {name: _with_theory(c, d, name, row) for name, row in m.items()}
   return out
 
@@ -244,6 +245,7 @@ def _grad_ratio_of(model, state, batch) -> dict:
 
 def _training_part(c, study: StudyDir) -> dict:
   from jaxnorm.training import BatchIterator, load_dataset
+  from jaxnorm.training.workdir import config_json
 
   out = {}
   for variant in c.training.variants:
@@ -262,7 +264,8 @@ def _training_part(c, study: StudyDir) -> dict:
               for step, state in zip(steps, states, strict=True)]
       return {'checkpoints': rows, 'summary': summary}
 
-    out[variant] = study.part(f'training/{variant}/gradients', measure)
+    out[variant] = study.part(f'training/{variant}/gradients', measure,
+                              key=config_json(cfg))
   return out
 
 

@@ -487,7 +487,7 @@ def run_configs(c) -> dict:
 
 def run(c, study: StudyDir) -> list[Claim]:
   """The De & Smith study; returns its claims."""
-  measured = study.part('ratio', lambda: _ratio_measure(c))
+  measured = study.part('ratio', lambda: _ratio_measure(c), key=[c.ratio.to_dict(), c.seed])
   claims = _ratio_claims(c, study, {k: _ratio_with_theory(c, k, v) for k, v in measured.items()})
   ladder = _ladder(c, study)
   claims += _ladder_claims(c, study, ladder)
