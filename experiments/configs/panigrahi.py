@@ -22,28 +22,12 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxnorm.training.config import default_config
+from jaxnorm.studies.harness import training_base
 
 
 def _train_base(scale: str) -> ml_collections.ConfigDict:
-  t = default_config()
-  t.dataset = 'digits'
-  t.augment = False
-  t.batch_size = 64
-  t.eval_batch_size = 304
-  t.optimizer.name = 'sgd'
-  t.optimizer.momentum = 0.9
-  t.optimizer.weight_decay = 5e-4
+  t = training_base(scale)
   t.optimizer.learning_rate = 0.05
-  t.schedule.name = 'cosine'
-  t.log_every = 50
-  t.eval_every = 0
-  t.progress_bar = False
-  if scale == 'full':
-    t.dataset = 'cifar10'
-    t.augment = True
-    t.eval_batch_size = 1000
-    t.log_every = 100
   return t
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxnorm.training.config import default_config
+from jaxnorm.studies.harness import training_base
 
 VARIANTS = {
     'batch_norm': {'norm': 'batch_norm'},
@@ -44,28 +44,10 @@ VARIANTS = {
 
 
 def _train_base(scale: str) -> ml_collections.ConfigDict:
-  """The training config every run starts from (SGD + momentum, cosine, L2 5e-4)."""
-  t = default_config()
-  t.dataset = 'digits'
-  t.augment = False
-  t.batch_size = 64
-  t.eval_batch_size = 304  # the 297 test digits in one batch
-  t.optimizer.name = 'sgd'
-  t.optimizer.momentum = 0.9
-  t.optimizer.weight_decay = 5e-4
-  t.schedule.name = 'cosine'
-  t.schedule.warmup_steps = 0
-  t.log_every = 50
-  t.eval_every = 0
-  t.checkpoint_every = 100
+  """The studies' training base (``training_base``) with checkpoints every 100 steps, 2 kept."""
+  t = training_base(scale)
+  t.checkpoint_every = 1000 if scale == 'full' else 100
   t.keep_checkpoints = 2
-  t.progress_bar = False
-  if scale == 'full':
-    t.dataset = 'cifar10'
-    t.augment = True
-    t.eval_batch_size = 1000
-    t.log_every = 100
-    t.checkpoint_every = 1000
   return t
 
 

@@ -688,20 +688,6 @@ def _bn_fwd(x: _State) -> tuple[_State, float]:
   return _State(m / var, a / var, x.shape), var
 
 
-def _nf_betas(stages, alpha: float) -> list[list[float]]:
-  """NF-ResNet's ``beta = 1 / expected_std`` per block (as ``jaxnorm.models.resnet.nf_betas``)."""
-  expected_std, out = 1.0, []
-  for n in stages:
-    stage = []
-    for i in range(n):
-      stage.append(1.0 / expected_std)
-      if i == 0:
-        expected_std = 1.0
-      expected_std = math.sqrt(expected_std ** 2 + alpha ** 2)
-    out.append(stage)
-  return out
-
-
 def preact_resnet_mean_field(stages, *, image_size=None, widths=None, strides=None,
                              norm: str = 'batch_norm', alpha: float = 1.0,
                              branch_convs: int = 2, batch_size: int | None = None,
@@ -849,7 +835,9 @@ def preact_resnet_mean_field(stages, *, image_size=None, widths=None, strides=No
       return 1.0
     return bn_backward_finite_batch_factor(max(4, batch_size * state.m.size))
 
-  betas = _nf_betas(stages, float(nf_alpha)) if nf else None
+  from jaxnorm.models.resnet import nf_betas  # the models' own bookkeeping, not a copy
+
+  betas = nf_betas(stages, float(nf_alpha)) if nf else None
   taps_out = [x]
   res_var, caches = [], []
   c_prev = widths[0]

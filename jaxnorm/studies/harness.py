@@ -310,6 +310,35 @@ def train_size(config) -> int:
   return len(load_dataset(config.dataset, 'train', data_dir=config.data_dir or None))
 
 
+def training_base(scale: str):
+  """The training config the studies' runs start from: SGD + momentum 0.9, cosine, L2 5e-4.
+
+  ``cpu`` and ``smoke``: the embedded digits set (batch 64, the 297 test images in one batch);
+  ``full``: CIFAR-10 with augmentation. Evaluation only at the end, no progress bar.
+  """
+  from jaxnorm.training.config import default_config
+
+  t = default_config()
+  t.dataset = 'digits'
+  t.augment = False
+  t.batch_size = 64
+  t.eval_batch_size = 304  # the 297 test digits in one batch
+  t.optimizer.name = 'sgd'
+  t.optimizer.momentum = 0.9
+  t.optimizer.weight_decay = 5e-4
+  t.schedule.name = 'cosine'
+  t.schedule.warmup_steps = 0
+  t.log_every = 50
+  t.eval_every = 0
+  t.progress_bar = False
+  if scale == 'full':
+    t.dataset = 'cifar10'
+    t.augment = True
+    t.eval_batch_size = 1000
+    t.log_every = 100
+  return t
+
+
 def at_smoke_size(config, *, steps: int = 2, batch_size: int = 8, image_size: int = 32):
   """A copy of a (``full``-scale) run config that takes ``steps`` steps on Gaussian images.
 
