@@ -23,7 +23,7 @@ import sys
 
 from absl import app, flags, logging
 
-PAPERS = ('panigrahi', 'skipinit')
+PAPERS = ('panigrahi', 'skipinit', 'bgn', 'bjorck', 'pws')
 SCALES = ('smoke', 'cpu', 'full')
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
 
@@ -44,6 +44,19 @@ def load_config(paper: str, scale: str):
   return module.get_config(scale)
 
 
+def _use_compilation_cache(workdir: str) -> None:
+  """Keeps XLA's compiled programs in ``<workdir>/xla_cache`` (unless ``JAX_COMPILATION_CACHE_DIR``
+  names another place): a study compiles the same model's init and steps in several runs and
+  measurements, and a resumed study finds them all compiled."""
+  import jax
+
+  if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    jax.config.update('jax_compilation_cache_dir', os.path.join(os.path.abspath(workdir),
+                                                                'xla_cache'))
+  if not os.environ.get('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'):
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     print(f'reproduce: unexpected arguments {argv[1:]}', file=sys.stderr)
@@ -53,6 +66,7 @@ def main(argv) -> int:
           '--workdir=results/skipinit)', file=sys.stderr)
     return 2
   logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint at INFO.
+  _use_compilation_cache(_WORKDIR.value)
   from jaxnorm import training
   from jaxnorm.studies import run_study
 

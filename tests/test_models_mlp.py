@@ -89,3 +89,132 @@ def test_mlp_counts_fail_fast_naming_the_argument(make, exc, message):
   # Before: ZeroDivisionError (width 0) or a broadcasting error on shape (., -1) (width -1).
   with pytest.raises(exc, match=message):
     make().init(jax.random.PRNGKey(0), jnp.zeros((2, 3)))
+
+
+def _bgn_nodes(model, x):
+  """The (path, mode, target) of every BackwardGradNorm node ``model`` calls, in call order."""
+  import flax.linen as nn
+
+  from jaxnorm.linen import BackwardGradNorm
+
+  calls = []
+
+  def record(f, args, kwargs, context):
+    m = context.module
+    if isinstance(m, BackwardGradNorm) and context.method_name == '__call__':
+      calls.append(('/'.join(m.scope.path), m.mode, m.target))
+    return f(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    model.init(jax.random.PRNGKey(0), x)
+  return calls
+
+
+@pytest.mark.parametrize('every, expected', [(1, [0, 1, 2, 3, 4, 5, 6]), (3, [2, 5]),
+                                             (7, [6]), (8, [])])
+def test_bgn_every_k_layers_places_a_node_after_layers_k_minus_1_2k_minus_1(every, expected):
+  x = jnp.zeros((2, 5))
+  model = MLP(depth=7, width=4, bgn='layer', bgn_every=every, bgn_mode='per_batch',
+              bgn_target='unit')
+  assert _bgn_nodes(model, x) == [(f'layer_{i}/bgn', 'per_batch', 'unit') for i in expected]
+  assert _bgn_nodes(MLP(depth=7, width=4, bgn_every=every), x) == []  # bgn='none': no node
+
+
+def test_bgn_defaults_are_unchanged_and_pre_position_keeps_the_forward_pass():
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5))
+  default = MLP(depth=3, width=4, bgn='layer')
+  assert _bgn_nodes(default, x) == [(f'layer_{i}/bgn', 'per_sample', 'sqrt_units')
+                                    for i in range(3)]
+  variables = default.init(jax.random.PRNGKey(1), x)
+  pre = MLP(depth=3, width=4, bgn='layer', bgn_position='pre', bgn_every=2, bgn_target=2.5)
+  assert _bgn_nodes(pre, x) == [('layer_1/bgn', 'per_sample', 2.5)]
+  np.testing.assert_array_equal(pre.apply(variables, x), default.apply(variables, x))
+
+
+def _dense(p, h):
+  return h @ p['kernel'] + p['bias']
+
+
+def _normalized(g, mode, target, eps=1e-6):
+  """Cabana & Lago-Fernandez (2021): s * g / (||g|| + eps), in numpy (float64)."""
+  g = np.asarray(g, np.float64)
+  if mode == 'per_sample':
+    norm = np.linalg.norm(g.reshape(g.shape[0], -1), axis=1).reshape(-1, *[1] * (g.ndim - 1))
+    units = g[0].size
+  else:
+    norm, units = np.linalg.norm(g), g.size
+  s = {'sqrt_units': np.sqrt(units), 'unit': 1.0}.get(target, target)
+  return s * g / (norm + eps)
+
+
+@pytest.mark.parametrize('mode, target, position', [
+  ('per_sample', 'sqrt_units', 'post'), ('per_batch', 'sqrt_units', 'post'),
+  ('per_sample', 'unit', 'post'), ('per_batch', 3.0, 'pre'), ('per_sample', 'sqrt_units', 'pre'),
+])
+def test_bgn_gradients_match_jax_grad_with_a_numpy_normalized_cotangent(mode, target, position):
+  # One node, in the last hidden layer (bgn_every=depth). Below it, the BGN network's parameter
+  # gradient is the plain network's VJP of the node's input, fed the node's input gradient
+  # normalized in numpy; above it (the head) nothing changes.
+  depth, width, act = 3, 6, 'tanh'
+  x = jax.random.normal(jax.random.PRNGKey(0), (5, 4))
+  labels = jnp.array([0, 3, 1, 9, 2])
+  plain = MLP(depth=depth, width=width, activation=act)
+  bgn = MLP(depth=depth, width=width, activation=act, bgn='layer', bgn_every=depth,
+            bgn_mode=mode, bgn_target=target, bgn_position=position)
+  params = plain.init(jax.random.PRNGKey(1), x)['params']
+
+  def loss(model, p):
+    logits = model.apply({'params': p}, x)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+  got = jax.grad(lambda p: loss(bgn, p))(params)
+  want = jax.grad(lambda p: loss(plain, p))(params)
+  last = f'layer_{depth - 1}'
+
+  def hidden(p, i):  # the output of hidden layer i (after its activation) of the plain net
+    return plain.apply({'params': p}, x, mutable=['intermediates'])[1]['intermediates'][
+        f'layer_{i}']['layer'][0]
+
+  def loss_from_hidden(h):
+    logits = _dense(params['head'], h)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+  g_last = jax.grad(loss_from_hidden)(hidden(params, depth - 1))
+  if position == 'post':
+    c = _normalized(g_last, mode, target)
+    _, vjp = jax.vjp(lambda p: hidden(p, depth - 1), params)
+    below = vjp(jnp.asarray(c, jnp.float32))[0]
+    layers = range(depth)
+  else:  # the node sits on layer depth-1's pre-activation z = h @ W + b
+    h_prev = hidden(params, depth - 2)
+    z = _dense(params[last]['dense'], h_prev)
+    c = _normalized(np.asarray(g_last) * (1 - np.tanh(np.asarray(z, np.float64)) ** 2), mode,
+                    target)
+    np.testing.assert_allclose(got[last]['dense']['kernel'], np.asarray(h_prev).T @ c,
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got[last]['dense']['bias'], c.sum(0), rtol=1e-4, atol=1e-6)
+    c_prev = c @ np.asarray(params[last]['dense']['kernel'], np.float64).T
+    _, vjp = jax.vjp(lambda p: hidden(p, depth - 2), params)
+    below = vjp(jnp.asarray(c_prev, jnp.float32))[0]
+    layers = range(depth - 1)
+  for i in layers:
+    for leaf in ('kernel', 'bias'):
+      np.testing.assert_allclose(got[f'layer_{i}']['dense'][leaf],
+                                 below[f'layer_{i}']['dense'][leaf], rtol=1e-4, atol=1e-6)
+  for leaf in ('kernel', 'bias'):
+    np.testing.assert_allclose(got['head'][leaf], want['head'][leaf], rtol=1e-6)
+  # And the normalization really happened: the plain gradient differs.
+  assert not np.allclose(got['layer_0']['dense']['kernel'], want['layer_0']['dense']['kernel'])
+
+
+@pytest.mark.parametrize('kwargs, exc, message', [
+  ({'bgn_mode': 'per_channel'}, ValueError, r'MLP: argument `bgn_mode`'),
+  ({'bgn_target': -1.0}, ValueError, r'MLP: argument `bgn_target` expected a finite positive'),
+  ({'bgn_target': 'half'}, ValueError, r'MLP: argument `bgn_target`'),
+  ({'bgn_target': True}, TypeError, r'MLP: argument `bgn_target`'),
+  ({'bgn_every': 0}, ValueError, r'MLP: argument `bgn_every`'),
+  ({'bgn_position': 'both'}, ValueError, r'MLP: argument `bgn_position`'),
+])
+def test_bgn_options_fail_fast_naming_the_argument(kwargs, exc, message):
+  with pytest.raises(exc, match=message):
+    MLP(depth=2, width=4, bgn='layer', **kwargs).init(jax.random.PRNGKey(0), jnp.zeros((2, 3)))

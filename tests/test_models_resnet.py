@@ -259,3 +259,88 @@ def test_block_scale_rejects_non_positive_and_fixup():
                           style='v2', **kw)
     with pytest.raises(ValueError, match='block_scale'):
       model.init(jax.random.PRNGKey(0), x)
+
+
+def _norm_paths(variables) -> list[str]:
+  """The normalization layers of a variable tree (one entry per BatchNorm mean)."""
+  return ['/'.join(str(getattr(k, 'key', k)) for k in path)
+          for path, _ in jax.tree_util.tree_leaves_with_path(variables.get('batch_stats', {}))
+          if str(getattr(path[-1], 'key', path[-1])) == 'mean']
+
+
+@pytest.mark.parametrize('k, expected', [
+    (0, 0),  # norm='none'
+    (1, 2),  # the last block's two branch norms
+    (3, 7),  # the last stage: 3 blocks x 2 + its projection shortcut's norm
+    (4, 9),  # cuts stage 1: its last block too (2 more)
+    (9, 21),  # every block (9 x 2 + 2 shortcut norms) and the stem norm
+])
+def test_norm_last_blocks_counts_the_normalized_layers(k, expected):
+  """Bjorck et al.'s BatchNorm in the last layers only: ResNet-20 ('v1', 9 blocks)."""
+  model = cifar_resnet(20, width=4, norm_last_blocks=k, scan=False)
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((2, 8, 8, 3)))
+  paths = _norm_paths(variables)
+  assert len(paths) == expected, paths
+  normed = {p.split('/')[0] + '/' + p.split('/')[1] for p in paths if p.startswith('stage_')}
+  blocks = [f'stage_{s}/block_{b}' for s in range(3) for b in range(3)]
+  assert normed == set(blocks[len(blocks) - k:])
+  assert ('stem_norm/mean' in paths) == (k == 9)
+
+
+@pytest.mark.parametrize('style', ['v1', 'v2'])
+@pytest.mark.parametrize('scan', [False, True])
+def test_norm_last_blocks_at_the_extremes_is_the_plain_model(style, scan):
+  """k = 0 is norm='none' and k = all blocks the normalized model: same variables, same output."""
+  x = np.random.default_rng(0).standard_normal((4, 8, 8, 3)).astype(np.float32)
+  for k, norm in ((0, 'none'), (6, 'batch_norm')):
+    mixed = cifar_resnet(14, width=4, style=style, norm_last_blocks=k, scan=scan)
+    plain = cifar_resnet(14, width=4, style=style, norm=norm, scan=scan)
+    v_mixed = mixed.init(jax.random.key(1), x)
+    v_plain = plain.init(jax.random.key(1), x)
+    assert jax.tree.structure(v_mixed) == jax.tree.structure(v_plain)
+    jax.tree.map(np.testing.assert_array_equal, v_mixed, v_plain)
+    out_mixed, _ = mixed.apply(v_mixed, x, train=True, mutable=['batch_stats'])
+    out_plain, _ = plain.apply(v_plain, x, train=True, mutable=['batch_stats'])
+    np.testing.assert_array_equal(np.asarray(out_mixed), np.asarray(out_plain))
+
+
+def test_norm_last_blocks_cutting_a_scanned_stage_matches_the_unrolled_model():
+  """The cut stage is unrolled, the others scanned: the same network as all unrolled."""
+  from jaxnorm.models import stack_blocks
+
+  x = np.random.default_rng(0).standard_normal((4, 8, 8, 3)).astype(np.float32)
+  unrolled = cifar_resnet(20, width=4, style='v2', norm_last_blocks=4, scan=False)
+  scanned = cifar_resnet(20, width=4, style='v2', norm_last_blocks=4, scan=True)
+  v = unrolled.init(jax.random.key(2), x)
+  v_scanned = scanned.init(jax.random.key(2), x)
+  assert 'scanned_blocks' in v_scanned['params']['stage_0']
+  assert 'scanned_blocks' not in v_scanned['params']['stage_1']  # the cut stage
+  # 'v2': two norms per block (norm_pre, norm_0), the final norm (k >= 1), no stem norm.
+  assert 'final_norm' in v['batch_stats'] and len(_norm_paths(v)) == 4 * 2 + 1
+  stacked = {c: {name: t if name == 'stage_1' else stack_blocks(t) for name, t in tree.items()}
+             for c, tree in v.items()}
+  assert jax.tree.structure(stacked) == jax.tree.structure(v_scanned)
+  out, _ = unrolled.apply(v, x, train=True, mutable=['batch_stats'])
+  out_scanned, _ = scanned.apply(stacked, x, train=True, mutable=['batch_stats'])
+  np.testing.assert_allclose(np.asarray(out), np.asarray(out_scanned), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('kwargs', [
+    {'norm_last_blocks': -1}, {'norm_last_blocks': 7}, {'norm_last_blocks': True},
+    {'norm_last_blocks': 1.0}, {'norm_last_blocks': 1, 'norm': 'none'},
+    {'norm_last_blocks': 1, 'norm': 'scaled_ws', 'style': 'v2'},
+    {'norm_last_blocks': 1, 'fixup': True},
+])
+def test_norm_last_blocks_rejects_bad_values_naming_the_argument(kwargs):
+  model = cifar_resnet(14, width=4, **kwargs)
+  with pytest.raises(ValueError, match='norm_last_blocks'):
+    model.init(jax.random.key(0), jnp.ones((2, 8, 8, 3)))
+
+
+def test_norm_last_blocks_is_a_model_config_field():
+  from jaxnorm.training.config import model_config
+  from jaxnorm.training.loop import build_model
+
+  assert model_config('cifar_resnet').norm_last_blocks is None
+  model = build_model(model_config('cifar_resnet', depth=14, width=4, norm_last_blocks=2), 10)
+  assert model.norm_last_blocks == 2

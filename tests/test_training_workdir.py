@@ -107,6 +107,27 @@ def test_config_check_names_every_differing_field_and_ignores_operational_ones(t
   workdir_lib.check_config(str(tmp_path), new)  # Only operational fields differ.
 
 
+def test_a_field_added_after_the_run_was_written_matches_only_at_its_default(tmp_path):
+  # A run written before `model.norm_last_blocks` and `schedule.step_decay` existed.
+  old = default_config()
+  _with_progress(tmp_path, old)
+  stored = json.loads((tmp_path / 'config.json').read_text())
+  del stored['model']['norm_last_blocks'], stored['schedule']['step_decay']
+  (tmp_path / 'config.json').write_text(json.dumps(stored))
+  workdir_lib.check_config(str(tmp_path), default_config())  # resumes: both at their default
+  new = default_config()
+  new.model.norm_last_blocks, new.schedule.step_decay = 3, 0.5
+  with pytest.raises(ConfigMismatchError) as err:
+    workdir_lib.check_config(str(tmp_path), new)
+  assert err.value.fields == ['model.norm_last_blocks', 'schedule.step_decay']
+  assert 'run absent, now 3' in str(err.value)
+  # A field the new config lacks (removed since) is still a mismatch.
+  stored['model']['retired_option'] = 1
+  (tmp_path / 'config.json').write_text(json.dumps(stored))
+  with pytest.raises(ConfigMismatchError, match='model.retired_option'):
+    workdir_lib.check_config(str(tmp_path), default_config())
+
+
 def test_config_of_a_workdir_without_progress_is_replaced(tmp_path):
   workdir_lib.write_config(str(tmp_path), default_config())  # A launch that failed early.
   new = default_config()

@@ -17,13 +17,17 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from numbers import Real
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxnorm.functional import _backward_grad_norm as bgn_lib
 from jaxnorm.functional._checks import check_choice, fail
+from jaxnorm.linen.backward_grad_norm import BackwardGradNorm
 from jaxnorm.models.registry import (
   Layers,
   NormSpec,
@@ -35,6 +39,8 @@ from jaxnorm.models.registry import (
 )
 from jaxnorm.models.stacking import default_scan, run_blocks
 from jaxnorm.models.taps import perturb
+
+BGN_POSITIONS = ('post', 'pre')
 
 ACTIVATIONS: dict[str, Callable] = {
   'relu': jax.nn.relu,
@@ -134,42 +140,79 @@ class ResidualMLP(nn.Module):
     return nn.Dense(self.num_classes, name='head')(x)
 
 
+def _check_bgn_target(target) -> None:
+  if isinstance(target, str):
+    check_choice('MLP', 'bgn_target', target, bgn_lib.TARGETS)
+  elif not isinstance(target, Real) or isinstance(target, bool):
+    fail('MLP', 'bgn_target', "'sqrt_units', 'unit' or a positive Python float",
+         f'{type(target).__name__} {target!r}', TypeError)
+  elif not (math.isfinite(target) and target > 0):
+    fail('MLP', 'bgn_target', 'a finite positive number', repr(target))
+
+
 class _MLPLayer(nn.Module):
-  """One hidden layer of the plain MLP: ``act(norm(Dense(x)))``, tapped as 'layer'."""
+  """One hidden layer of the plain MLP: ``act(norm(Dense(x)))``, tapped as 'layer'.
+
+  ``bgn`` (a dict of BackwardGradNorm keywords, or None for no node) puts a node on the
+  activation's output (``position='post'``) or on its input (``'pre'``).
+  """
   layers: Layers
   width: int
   activation: str
   kernel_init: Callable
+  bgn: dict | None = None
+  bgn_position: str = 'post'
 
   @nn.compact
   def __call__(self, x, train: bool):
     L = self.layers
     h = nn.Dense(self.width, kernel_init=self.kernel_init, use_bias=not L.spec.has_activation_norm,
                  name='dense')(x)
-    h = ACTIVATIONS[self.activation](L.norm(train, name='norm')(h))
+    h = L.norm(train, name='norm')(h)
+    if self.bgn is not None and self.bgn_position == 'pre':
+      h = BackwardGradNorm(**self.bgn, name='bgn')(h)
+    h = ACTIVATIONS[self.activation](h)
     h = perturb(self, 'layer', h)
     self.sow('intermediates', 'layer', h)
-    return L.bgn_node(h, 'layer', name='bgn')
+    if self.bgn is not None and self.bgn_position == 'post':
+      h = BackwardGradNorm(**self.bgn, name='bgn')(h)
+    return h
 
 
 class MLP(nn.Module):
-  """A plain deep MLP (no skips): ``depth`` hidden layers ``act(norm(Dense(h)))`` and a head.
+  r"""A plain deep MLP (no skips): ``depth`` hidden layers ``act(norm(Dense(h)))`` and a head.
+
+  With ``bgn='layer'``, Backward Gradient Normalization nodes (identity forward; backward
+  :math:`g \mapsto s\,g/(\lVert g\rVert_2 + \epsilon)`, Cabana & Lago-Fernandez 2021) sit in
+  the hidden layers. The paper's body is not public, so where and how they normalize is a
+  reconstruction; the ``bgn_*`` fields name each choice (their defaults are jaxnorm's
+  reconstruction: a per-sample norm to ``sqrt(width)`` after every hidden layer's activation).
 
   Args:
     depth: number of hidden layers.
     width: hidden width.
     activation: 'relu', 'tanh', 'sigmoid', 'gelu' or 'linear'.
-    bgn: 'none' or 'layer' (a BackwardGradNorm node after every hidden layer's activation;
-      the placement is this package's reconstruction of Cabana & Lago-Fernandez 2021).
+    bgn: 'none' or 'layer' (BackwardGradNorm nodes in the hidden layers, placed by
+      ``bgn_every`` and ``bgn_position``).
     norm: 'none' (default), 'batch_norm' or 'ghost_batch_norm' (a plain BN net, as in Panigrahi,
       Chen & Kuo 2018), another name registered for the 'mlp' family, or a ``NormSpec``.
     num_classes: outputs of the head.
     kernel_init: None = He normal for relu, LeCun normal otherwise.
+    bgn_mode: reconstruction option, the nodes' norm axes: 'per_sample' (default; one norm per
+      example) or 'per_batch' (one norm over the whole (batch, width) gradient).
+    bgn_target: reconstruction option, the norm :math:`s` the gradient is given:
+      'sqrt_units' (default; :math:`\sqrt{n}` for the :math:`n` entries normed over), 'unit'
+      or a positive float.
+    bgn_every: reconstruction option, a node after every ``bgn_every``-th hidden layer (layers
+      ``k-1, 2k-1, ...`` counted from 0); 1 (default) = every hidden layer.
+    bgn_position: reconstruction option, 'post' (default; on the activation's output, so the
+      gradient is normalized before it passes the activation's derivative) or 'pre' (on the
+      activation's input, after the Dense layer and its normalization).
 
   References:
     Cabana & Lago-Fernandez (2021), 'Backward Gradient Normalization in Deep Neural Networks',
-    arXiv:2106.09475; Panigrahi, Chen & Kuo (2018), 'Analysis on Gradient Propagation in Batch
-    Normalized Residual Networks', arXiv:1812.00342.
+    arXiv:2106.09475, https://arxiv.org/abs/2106.09475; Panigrahi, Chen & Kuo (2018), 'Analysis
+    on Gradient Propagation in Batch Normalized Residual Networks', arXiv:1812.00342.
   """
   depth: int
   width: int
@@ -178,6 +221,10 @@ class MLP(nn.Module):
   norm: str | NormSpec = 'none'
   num_classes: int = 10
   kernel_init: Callable | None = None
+  bgn_mode: str = 'per_sample'
+  bgn_target: str | float = 'sqrt_units'
+  bgn_every: int = 1
+  bgn_position: str = 'post'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -188,13 +235,20 @@ class MLP(nn.Module):
     check_count('MLP', 'num_classes', self.num_classes)
     if self.bgn not in ('none', 'layer'):
       fail('MLP', 'bgn', "one of 'none', 'layer'", repr(self.bgn))
-    L = Layers(spec=spec, bgn=self.bgn)
+    check_choice('MLP', 'bgn_mode', self.bgn_mode, bgn_lib.MODES)
+    _check_bgn_target(self.bgn_target)
+    check_count('MLP', 'bgn_every', self.bgn_every)
+    check_choice('MLP', 'bgn_position', self.bgn_position, BGN_POSITIONS)
+    L = Layers(spec=spec)
+    node = dict(mode=self.bgn_mode, target=self.bgn_target)
     init = self.kernel_init
     if init is None:
       init = (nn.initializers.he_normal() if self.activation == 'relu'
               else nn.initializers.lecun_normal())
     h = _flatten(x)
     for i in range(self.depth):
+      has_node = self.bgn == 'layer' and (i + 1) % self.bgn_every == 0
       h = _MLPLayer(layers=L, width=self.width, activation=self.activation, kernel_init=init,
+                    bgn=node if has_node else None, bgn_position=self.bgn_position,
                     name=f'layer_{i}')(h, train)
     return nn.Dense(self.num_classes, name='head')(h)

@@ -115,6 +115,17 @@ class ResNet(nn.Module):
       block_scale`` (before the post-add activation in 'v1'): ``0.5 ** 0.5`` is De & Smith's
       "divide the residual block by sqrt(2)" baseline, which keeps the unnormalized skip path's
       variance constant at init but, unlike SkipInit, shrinks the earlier blocks' share.
+    norm_last_blocks: None (every block normalized by ``norm``), or ``k`` in ``0 ..
+      num_blocks``: only the last ``k`` residual blocks (counted over the whole network) use
+      ``norm``, and the final norm before the head ('v2' / 'relu_first') when ``k >= 1``; the
+      stem norm ('v1' / 'relu_first') only when ``k = num_blocks``. The other blocks are built as
+      with ``norm='none'`` (same names, no normalization), so ``k = 0`` is the ``norm='none'``
+      network and ``k = num_blocks`` the fully normalized one, parameter for parameter. Bjorck
+      et al.'s "BatchNorm in the last layers only". A stage that the boundary cuts is unrolled
+      (its blocks are not identical); the others are scanned as usual. In 'v1' a stage's first
+      block normalizes the skip path through its projection shortcut, so ``k`` = a whole number of
+      stages normalizes the activations that reach the head. Requires a spec with activation
+      norms (e.g. 'batch_norm', 'group_norm'; not NF specs) and ``fixup=False``.
 
   References:
     He, Zhang, Ren & Sun (2016a), 'Deep Residual Learning for Image Recognition',
@@ -125,7 +136,8 @@ class ResNet(nn.Module):
     Ge, Li & Gui (2021), 'Delving into Variance Transmission and Normalization: Shift of Average
     Gradient Makes the Network Collapse', arXiv:2103.11590; Brock, De & Smith (2021),
     'Characterizing signal propagation to close the performance gap in unnormalized ResNets',
-    arXiv:2101.08692.
+    arXiv:2101.08692; Bjorck, Gomes, Selman & Weinberger (2018), 'Understanding Batch
+    Normalization', arXiv:1806.02375 (``norm_last_blocks``).
   """
   stage_sizes: Sequence[int]
   widths: Sequence[int]
@@ -145,6 +157,7 @@ class ResNet(nn.Module):
   remat: bool = False
   fixup: bool = False
   block_scale: float | None = None
+  norm_last_blocks: int | None = None
 
   def _check(self) -> tuple[NormSpec, str]:
     spec = make_norm_spec(self.norm, 'ResNet', family='resnet')
@@ -181,6 +194,14 @@ class ResNet(nn.Module):
              'multiplier)', repr(self.skip_init))
       if style not in FIXUP_STYLES:
         fail('ResNet', 'style', "'v1' or 'v2' with fixup=True", repr(style))
+    k = self.norm_last_blocks
+    if k is not None:
+      if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.num_blocks:
+        fail('ResNet', 'norm_last_blocks', f'None or an int in [0, {self.num_blocks}] (the '
+             'number of blocks)', repr(k))
+      if not spec.has_activation_norm or spec.is_nf or self.fixup:
+        fail('ResNet', 'norm_last_blocks', 'None with fixup=True or a spec without activation '
+             f'norms (norm={spec.name!r})', repr(k))
     return spec, style
 
   @property
@@ -194,6 +215,15 @@ class ResNet(nn.Module):
                zero_init_residual=self.zero_init_residual)
     skip_init = resolve_skip_init(self.skip_init, self.num_blocks, 'ResNet')
     scan = default_scan() if self.scan is None else self.scan
+    # norm_last_blocks: blocks before `first_normed` (and the outer norms, see the docstring) are
+    # built by `plain`, the layers of norm='none' with the same options.
+    normed = self.num_blocks if self.norm_last_blocks is None else self.norm_last_blocks
+    first_normed = self.num_blocks - normed
+    plain = L if normed == self.num_blocks else Layers(
+        spec=make_norm_spec('none', 'ResNet'), conv_bias=self.conv_bias, bgn=self.bgn,
+        zero_init_residual=self.zero_init_residual)
+    L_stem = L if normed == self.num_blocks else plain
+    L_head = L if normed >= 1 else plain
 
     # Stem.
     k, s = (3, 1) if self.stem == 'cifar' else (7, 2)
@@ -201,7 +231,7 @@ class ResNet(nn.Module):
     if self.fixup:  # Fixup: a scalar bias before the stem relu (v1) or the first block's (v2).
       x = ScalarBias(name='stem_bias')(x)
     if style != 'v2':
-      x = L.act(L.norm_or_outer(train, name='stem_norm')(x))
+      x = L.act(L_stem.norm_or_outer(train, name='stem_norm')(x))
     if self.stem == 'imagenet':
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     x = perturb(self, 'stem', x)
@@ -211,11 +241,14 @@ class ResNet(nn.Module):
     # Stages (NF specs: NF-ResNet blocks, each stage given its blocks' betas).
     betas = nf_betas(self.stage_sizes, spec.nf_alpha) if spec.is_nf else None
     in_features = self.stem_width
+    offset = 0  # index of the stage's first block in the network
     for si, (n, width, stride) in enumerate(zip(self.stage_sizes, self.widths, self.strides,
                                                 strict=True)):
       out_features = width * (EXPANSION if self.bottleneck else 1)
-      common = dict(layers=L, features=width, bottleneck=self.bottleneck, style=style,
-                    skip_init=skip_init)
+      unnormalized = min(max(first_normed - offset, 0), n)  # leading plain blocks of the stage
+      offset += n
+      common = dict(layers=L if unnormalized == 0 else plain, features=width,
+                    bottleneck=self.bottleneck, style=style, skip_init=skip_init)
       if self.block_scale is not None:
         common['block_scale'] = float(self.block_scale)
       first = dict(common, strides=stride,
@@ -224,6 +257,8 @@ class ResNet(nn.Module):
                    name=f'stage_{si}')
       if self.fixup:
         x = _FixupStage(**stage, num_blocks=self.num_blocks)(x, train)
+      elif 0 < unnormalized < n:
+        x = _MixedStage(**dict(stage, scan=False), unnormalized=unnormalized, normed=L)(x, train)
       elif betas is None:
         x = _Stage(**stage)(x, train)
       else:
@@ -232,9 +267,9 @@ class ResNet(nn.Module):
 
     # Neck and head.
     if style == 'v2':
-      x = L.act(L.norm_or_outer(train, name='final_norm')(x))
+      x = L.act(L_head.norm_or_outer(train, name='final_norm')(x))
     elif style == 'relu_first':
-      x = L.act(L.outer_norm(train, name='final_norm')(x))
+      x = L.act(L_head.outer_norm(train, name='final_norm')(x))
     x = jnp.mean(x, axis=(1, 2))
     if self.dropout_rate > 0:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -256,6 +291,28 @@ class _Stage(nn.Module):
   def __call__(self, x, train: bool):
     return run_blocks(ResidualBlock, self.first, self.rest, self.n, x, train, scan=self.scan,
                       remat=self.remat)
+
+
+class _MixedStage(_Stage):
+  """A stage cut by ``ResNet.norm_last_blocks``: its first ``unnormalized`` blocks are built
+  with the layers of ``first`` / ``rest`` (norm 'none'), the others with ``normed``; unrolled
+  (``block_0 .. block_{n-1}``, the unrolled layout of ``stacking.run_blocks``).
+
+  Bjorck, Gomes, Selman & Weinberger (2018), 'Understanding Batch Normalization',
+  arXiv:1806.02375 (BatchNorm in the last layers only).
+  """
+  unnormalized: int = 0
+  normed: Layers | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    cls = nn.remat(ResidualBlock, static_argnums=(2,)) if self.remat else ResidualBlock
+    for i in range(self.n):
+      kw = dict(self.first if i == 0 else self.rest)
+      if i >= self.unnormalized:
+        kw['layers'] = self.normed
+      x = cls(**kw, name=f'block_{i}')(x, train)
+    return x
 
 
 class _NFStage(_Stage):

@@ -260,7 +260,8 @@ def load_states(config, workdir: str, steps: Sequence[int | None]):
 
   Args:
     config: the run's training config.
-    workdir: the run's workdir (as written by :func:`jaxnorm.training.train`).
+    workdir: the run's workdir (as written by :func:`jaxnorm.training.train`); not read when
+      every step is None.
     steps: checkpointed steps; None stands for the state at initialization (the run's own seed
       and first batch, so it equals the state the run started from).
 
@@ -284,6 +285,8 @@ def load_states(config, workdir: str, steps: Sequence[int | None]):
   batch = data.BatchIterator(ds, config.batch_size, seed=config.seed, train=config.augment)
   init = steps_lib.create_train_state(
       model, tx, steps_lib.shard_batch(batch.batch(0), mesh)['image'], config.seed, mesh)
+  if all(step is None for step in steps):
+    return model, [init for _ in steps]
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                  max_to_keep=config.keep_checkpoints)
   try:

@@ -255,7 +255,10 @@ def check_config(workdir: str, config) -> None:
   """Raises :class:`ConfigMismatchError` if ``workdir`` holds a run with another config.
 
   A workdir without progress (no metrics, checkpoints or summary) holds no run yet: its
-  ``config.json`` (e.g. from a launch that failed before its first step) is replaced.
+  ``config.json`` (e.g. from a launch that failed before its first step) is replaced. A field the
+  stored config lacks (written by an older jaxnorm, before the field existed) matches when the
+  new config gives it its default, the value that reproduces the old behaviour; any other value
+  is a mismatch.
   """
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path) or not has_progress(workdir):
@@ -266,15 +269,31 @@ def check_config(workdir: str, config) -> None:
     except ValueError:
       stored = {}
   new = _flatten(json.loads(config_json(config)))
+  defaults = _defaults(stored.get('model.name'))
   diffs = {}
   for key in sorted(set(stored) | set(new)):
     if key in OPERATIONAL_FIELDS:
       continue
     a, b = stored.get(key, _ABSENT), new.get(key, _ABSENT)
+    if a is _ABSENT and key in defaults and b == defaults[key]:
+      continue  # a field added after the run was written, at its default
     if a != b:
       diffs[key] = (a, b)
   if diffs:
     raise ConfigMismatchError(workdir, diffs)
+
+
+def _defaults(model_name) -> dict[str, Any]:
+  """Every field's default, flattened: ``default_config()`` with ``model_name``'s keywords."""
+  from jaxnorm.training.config import ConfigError, default_config, model_config
+
+  c = default_config()
+  if isinstance(model_name, str):
+    try:
+      c.model = model_config(model_name)
+    except (ConfigError, ImportError, AttributeError, ValueError):
+      pass
+  return _flatten(json.loads(config_json(c)))
 
 
 def write_config(workdir: str, config) -> None:
