@@ -218,3 +218,28 @@ def test_bgn_gradients_match_jax_grad_with_a_numpy_normalized_cotangent(mode, ta
 def test_bgn_options_fail_fast_naming_the_argument(kwargs, exc, message):
   with pytest.raises(exc, match=message):
     MLP(depth=2, width=4, bgn='layer', **kwargs).init(jax.random.PRNGKey(0), jnp.zeros((2, 3)))
+
+
+def test_a_float_bgn_target_is_settable_through_the_training_config():
+  # `bgn_target: str | float`: the config field takes either type (it was locked to str).
+  from jaxnorm.training.config import model_config
+  from jaxnorm.training.loop import build_model
+
+  c = model_config('MLP', depth=2, width=4, bgn='layer')
+  assert c.bgn_target == 'sqrt_units'
+  c.bgn_target = 2.5
+  model = build_model(c, 10)
+  assert model.bgn_target == 2.5
+  c.bgn_target = 'unit'
+  unit = build_model(c, 10)
+  assert unit.bgn_target == 'unit'
+  # The last node before layer_0's kernel sets each example's gradient norm to the target, so
+  # that kernel's gradient with target 2.5 is 2.5 times the one with target 1.
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 5))
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+
+  def grad0(m):
+    g = jax.grad(lambda p: jnp.sum(jnp.sin(m.apply({'params': p}, x))))(params)
+    return np.asarray(g['layer_0']['dense']['kernel'])
+
+  np.testing.assert_allclose(grad0(model), 2.5 * grad0(unit), rtol=1e-5, atol=1e-7)

@@ -131,13 +131,17 @@ def test_full_scale_models_build_at_their_input_shape(paper):
 
 
 def test_a_full_scale_run_takes_its_first_steps_at_smoke_size(tmp_path):
-  """De & Smith's CIFAR-10 WRN-16-2 run, unchanged but for the data: two steps, finite loss."""
+  """A full-scale run config (Cabana & Lago-Fernandez's 10-layer width-512 BGN MLP on MNIST),
+  unchanged but for the data: two steps through ``training.train``, finite loss."""
   from jaxnorm import training
-  from jaxnorm.studies import skipinit
+  from jaxnorm.studies import bgn
 
-  configs = skipinit.run_configs(load_config('skipinit', 'full'))
-  cfg = harness.at_smoke_size(configs['ladder/batch_norm/d16/lr2^-1'])
-  assert cfg.model.base_width == 16 and cfg.model.width == 2
+  configs = bgn.run_configs(load_config('bgn', 'full'))
+  full = configs['ladder/mnist/sigmoid/d10/bgn/lr1e-3']
+  cfg = harness.at_smoke_size(full)
+  assert cfg.model.to_dict() == full.model.to_dict() and cfg.model.width == 512
+  assert cfg.optimizer.to_dict() == full.optimizer.to_dict()
+  assert tuple(cfg.synthetic.shape) == (28, 28, 1)
   summary = training.train(cfg, str(tmp_path))
   assert summary['step'] == 2 and np.isfinite(summary['train_loss'])
 

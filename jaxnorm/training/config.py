@@ -29,6 +29,8 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import types
+import typing
 from typing import Any
 
 import ml_collections
@@ -145,15 +147,24 @@ def _factory_keywords(name: str) -> dict[str, Any]:
 _PARSED_TYPES = {'int': int, 'float': float, 'str': str, 'bool': bool}
 
 
+def _is_union(annotation) -> bool:
+  """Whether a keyword's annotation (a string under postponed evaluation) is a union type."""
+  if isinstance(annotation, str):
+    return '|' in annotation or annotation.startswith(('Union[', 'Optional['))
+  return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
 def _field(default, annotation) -> Any:
   """A config field for a factory keyword, typed so that the command line can set it."""
   if default is inspect.Parameter.empty:  # Required: a typed placeholder (None until set).
     kind = _PARSED_TYPES.get(annotation if isinstance(annotation, str) else
                              getattr(annotation, '__name__', ''), object)
     return config_dict.placeholder(kind)
-  if default is None or not isinstance(default, bool | int | float | str | tuple):
+  if (default is None or _is_union(annotation)
+      or not isinstance(default, bool | int | float | str | tuple)):
     # None means "automatic" or "off" and the alternatives have other types (skip_init: a float
-    # or 'inv_sqrt_depth'); `object` fields parse a Python literal, else keep the string.
+    # or 'inv_sqrt_depth'); a union keyword takes values of several types (bgn_target: 'unit' or
+    # a float). `object` fields parse a Python literal, else keep the string.
     return config_dict.FieldReference(default, field_type=object)
   return default
 
