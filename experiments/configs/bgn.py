@@ -76,18 +76,20 @@ def get_config(scale: str = 'cpu') -> ml_collections.ConfigDict:
       # per data set, in the order of `datasets`: depths, activations, training steps
       'depths': ((10, 30), (10,)),
       'activations': (('sigmoid', 'tanh', 'relu'), ('sigmoid',)),
-      'steps': (600, 400),
+      'steps': (1500, 800),
       # Each arm's own grid: plain SGD's usual range; BGN's gradient has a per-sample norm of
       # sqrt(width) at every hidden layer (a sum, not a mean, over the batch), and its best
       # learning rate moves with the activation's derivative, so its grid is lower and wider.
+      # Both grids span four decades, so that no arm's best rate is chosen at an end of its grid
+      # (sigmoid networks want larger steps than ReLU ones).
       'learning_rates': ml_collections.ConfigDict(
-          {'none': (0.1, 0.01), 'bgn': (1e-3, 1e-4, 1e-5)}),
+          {'none': (1.0, 0.1, 0.01, 0.001), 'bgn': (1e-2, 1e-3, 1e-4, 1e-5)}),
       'checkpoints': 4, 'gradient_depth': 30})
   c.choices = ml_collections.ConfigDict({
       'dataset': 'digits', 'depth': 10, 'activation': 'sigmoid',
       'variants': ('per_batch', 'unit', 'every_k', 'pre'),
       # the BGN grid's values tried for each choice (times its lr factor)
-      'learning_rates': (1e-3, 1e-4)})
+      'learning_rates': (1e-2, 1e-3, 1e-4)})
   if scale == 'smoke':
     c.width = 16
     c.variants = ml_collections.ConfigDict({k: dict(VARIANTS[k]) for k in ('bgn', 'per_batch')})
