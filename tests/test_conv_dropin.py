@@ -65,9 +65,11 @@ _IDS = [f'{len(s)}d-{"-".join(sorted(k))}' for s, k in SIGNATURES]
 
 
 def _tolerance(kwargs):
-  # bf16 computation: the custom backward sums in another order than autodiff (bf16 rounding).
+  # The custom backward sums in another order than autodiff: bf16 rounding in bf16; in float32,
+  # gradients of size ~30 summed over a few hundred terms differ by a few 1e-6 (measured 2.3e-6
+  # with grouped, dilated kernels under jax 0.10.2).
   low = kwargs.get('dtype') == jnp.bfloat16 or kwargs.get('param_dtype') == jnp.bfloat16
-  return dict(rtol=2e-2, atol=2e-2) if low else dict(rtol=1e-6, atol=1e-6)
+  return dict(rtol=2e-2, atol=2e-2) if low else dict(rtol=1e-5, atol=1e-5)
 
 
 def _loss(y):

@@ -149,7 +149,8 @@ def test_flax_resnet18_statistics_match_capture_intermediates_and_perturb_gradie
   _assert_stats(rep.module('Dense_0'), logits, np.asarray(probe) / 4)
   g_last = np.broadcast_to((np.asarray(probe) @ w.T / 4)[:, None, None, :], (4, 1, 1, 64))
   _assert_stats(rep.module('BasicBlock_7'), grad=g_last)
-  assert rep.loss == pytest.approx(float(jnp.sum(probe * logits) / 4), rel=1e-5)
+  # float32: the report's loss and this jitted one sum in another order (measured 1.2e-5).
+  assert rep.loss == pytest.approx(float(jnp.sum(probe * logits) / 4), rel=1e-4)
 
 
 def test_unhashable_model_reuses_the_compiled_pass(resnet):
