@@ -1,5 +1,6 @@
 """The reproduction harness (claims, resumable parts and runs) and every paper's smoke study."""
 
+import copy
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from experiments.reproduce import PAPERS, load_config
 from jaxnorm import studies
 from jaxnorm.studies import harness
 from jaxnorm.training import validate_config
+from jaxnorm.training import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLAIM_KEYS = {'claim', 'paper_value', 'measured', 'unit', 'scale', 'verdict', 'note', 'paper'}
@@ -78,6 +80,33 @@ def test_a_diverging_run_is_a_result_and_is_not_rerun(tmp_path):
   r = study.train('blowup', c)
   assert r['diverged'] and 1 <= r['step'] <= 6
   assert studies.StudyDir(str(tmp_path), 'smoke', log=lambda s: None).train('blowup', c) == r
+
+
+def test_a_run_from_before_a_config_field_existed_is_read_back_not_retrained(tmp_path):
+  from jaxnorm.training.config import default_config, model_config
+
+  c = default_config()
+  c.dataset, c.augment = 'digits', False
+  c.model = model_config('MLP', depth=1, width=8)
+  c.batch_size, c.eval_batch_size, c.total_steps, c.log_every = 16, 304, 2, 1
+  study = studies.StudyDir(str(tmp_path), 'smoke', log=lambda s: None)
+  r = study.train('run', c)
+  # As an older jaxnorm wrote it: no `optimizer.decay_mask`, so another config digest.
+  old = copy.deepcopy(c)
+  del old.optimizer['decay_mask']
+  cfg_path = tmp_path / 'runs' / 'run' / 'config.json'
+  stored = json.loads(cfg_path.read_text())
+  del stored['optimizer']['decay_mask']
+  cfg_path.write_text(json.dumps(stored))
+  (tmp_path / 'parts' / 'runs' / 'run.key').write_text(harness._digest(
+      workdir_lib.config_json(old)))
+  trained = []
+  again = studies.StudyDir(str(tmp_path), 'smoke', log=trained.append).train('run', c)
+  assert again == r and not any('training' in line for line in trained)
+  # The field at another value is another run: the stored part is an error, not reused.
+  c.optimizer.decay_mask = 'all'
+  with pytest.raises(ValueError, match='computed under another config'):
+    studies.StudyDir(str(tmp_path), 'smoke', log=lambda s: None).train('run', c)
 
 
 def test_at_smoke_size_keeps_model_and_optimizer():

@@ -49,6 +49,25 @@ def test_batch_size_must_split_over_devices():
     validate_config(c, num_devices=8)
 
 
+@pytest.mark.parametrize('mask', ['kernels', 'all', 'all_but_alpha'])
+def test_decay_mask_is_a_choice_whose_default_is_the_kernels_mask(mask):
+  c = default_config()
+  assert c.optimizer.decay_mask == 'kernels'  # what runs written before the field trained with
+  validate_config(c)
+  c.optimizer.decay_mask = mask
+  validate_config(c)
+
+
+def test_an_unknown_decay_mask_names_the_field_and_the_choices():
+  c = default_config()
+  c.optimizer.decay_mask = 'biases'
+  with pytest.raises(ConfigError) as err:
+    validate_config(c)
+  assert err.value.field == 'optimizer.decay_mask'
+  assert str(err.value) == ("config.optimizer.decay_mask: expected one of 'kernels', 'all', "
+                            "'all_but_alpha', got 'biases'.")
+
+
 def test_nesterov_needs_momentum():
   c = default_config()
   c.optimizer.momentum = 0.0

@@ -189,3 +189,28 @@ def test_a_signal_in_the_last_step_still_reaches_the_caller_after_the_run_is_sav
   assert signal.getsignal(signal.SIGTERM) is previous
   assert os.path.exists(tmp_path / 'summary.json')
   assert train(c, str(tmp_path))['step'] == 4  # rerun: already finished, nothing trained
+
+
+@pytest.mark.parametrize('mask', ['all', 'all_but_alpha'])
+def test_the_configs_decay_mask_is_the_one_training_applies(tmp_path, mask):
+  # One plain SGD step (no momentum) from the same init: w1 = w0 - lr * (g + wd * w0) for a
+  # decayed parameter, w0 - lr * g otherwise. So a BatchNorm scale (1 at init), decayed by 'all'
+  # and 'all_but_alpha' but not by 'kernels', ends lr * wd lower; a kernel ends the same.
+  from jaxnorm.studies.harness import load_states
+  from jaxnorm.training.config import model_config
+
+  lr, wd = 0.1, 0.5
+  finals = {}
+  for name in ('kernels', mask):
+    c = _config(total_steps=1, log_every=1, eval_every=0, checkpoint_every=1)
+    c.model = model_config('MLP', depth=1, width=8, norm='batch_norm')
+    c.optimizer.momentum, c.optimizer.weight_decay, c.optimizer.learning_rate = 0.0, wd, lr
+    c.schedule.name = 'constant'
+    c.optimizer.decay_mask = name
+    train(c, str(tmp_path / name))
+    _, (state,) = load_states(c, str(tmp_path / name), [1])
+    finals[name] = jax.device_get(state.params['layer_0'])
+  np.testing.assert_allclose(finals[mask]['norm']['scale'],
+                             finals['kernels']['norm']['scale'] - lr * wd, rtol=0, atol=1e-6)
+  np.testing.assert_array_equal(finals[mask]['dense']['kernel'],
+                                finals['kernels']['dense']['kernel'])

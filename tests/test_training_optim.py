@@ -53,6 +53,94 @@ def test_a_given_decay_mask_replaces_the_default():
     np.testing.assert_array_equal(u, 0.0)
 
 
+PWS_PARAMS = {
+    'conv': {'kernel': jnp.full((3, 3, 2, 2), 2.0), 'bias': jnp.full((2,), 2.0),
+             'alpha': jnp.full((2,), 2.0)},
+    'stem_norm': {'scale': jnp.full((2,), 2.0), 'bias': jnp.full((2,), 2.0)},
+    'head': {'kernel': jnp.full((2, 3), 2.0), 'bias': jnp.full((3,), 2.0)},
+}
+# Which leaves each choice decays (True) or leaves alone (False).
+DECAYED = {
+    'kernels': {'conv': {'kernel': True, 'bias': False, 'alpha': False},
+                'stem_norm': {'scale': False, 'bias': False},
+                'head': {'kernel': True, 'bias': False}},
+    'all': {'conv': {'kernel': True, 'bias': True, 'alpha': True},
+            'stem_norm': {'scale': True, 'bias': True}, 'head': {'kernel': True, 'bias': True}},
+    'all_but_alpha': {'conv': {'kernel': True, 'bias': True, 'alpha': False},
+                      'stem_norm': {'scale': True, 'bias': True},
+                      'head': {'kernel': True, 'bias': True}},
+}
+
+
+@pytest.mark.parametrize('name', ['sgd', 'adam'])
+@pytest.mark.parametrize('mask', sorted(DECAYED))
+def test_each_decay_mask_decays_exactly_its_parameters(name, mask):
+  # Zero gradients, lr 0.1, wd 0.5, w = 2: a decayed leaf moves by -0.1 * 0.5 * 2 = -0.1, the
+  # others do not move.
+  tx = optim.make_optimizer(name, optim.make_schedule(0.1, 10, schedule='constant'),
+                            weight_decay=0.5, decay_mask=mask)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, PWS_PARAMS), tx.init(PWS_PARAMS),
+                         PWS_PARAMS)
+  for path, u in jax.tree_util.tree_leaves_with_path(updates):
+    decayed = DECAYED[mask]
+    for p in path:
+      decayed = decayed[p.key]
+    np.testing.assert_allclose(u, -0.1 if decayed else 0.0, rtol=1e-6, err_msg=str(path))
+
+
+def test_all_decays_pws_alpha_and_group_norm_parameters_that_kernels_does_not():
+  sched = optim.make_schedule(0.1, 10, schedule='constant')
+  grads = jax.tree.map(jnp.zeros_like, PWS_PARAMS)
+  moved = {}
+  for mask in ('kernels', 'all'):
+    tx = optim.make_optimizer('sgd', sched, momentum=0.9, weight_decay=5e-4, decay_mask=mask)
+    u, _ = tx.update(grads, tx.init(PWS_PARAMS), PWS_PARAMS)
+    moved[mask] = optax_apply(PWS_PARAMS, u)
+  # Coupled L2: w <- w - lr * wd * w = 2 * (1 - 0.1 * 5e-4) for a decayed leaf.
+  for leaf in (('conv', 'alpha'), ('conv', 'bias'), ('stem_norm', 'scale')):
+    np.testing.assert_allclose(moved['all'][leaf[0]][leaf[1]], 2.0 * (1 - 5e-5), rtol=1e-7)
+    np.testing.assert_array_equal(moved['kernels'][leaf[0]][leaf[1]], 2.0)
+  np.testing.assert_allclose(moved['kernels']['conv']['kernel'], 2.0 * (1 - 5e-5), rtol=1e-7)
+
+
+def optax_apply(params, updates):
+  return jax.tree.map(lambda p, u: p + u, params, updates)
+
+
+def test_every_decay_mask_gives_the_same_optimizer_state_structure():
+  # So a checkpoint written under one mask restores under another (and under the default).
+  sched = optim.make_schedule(0.1, 10, schedule='constant')
+  structs = {mask: jax.tree.structure(optim.make_optimizer(
+      'sgd', sched, weight_decay=5e-4, decay_mask=mask).init(PWS_PARAMS))
+      for mask in (None, *optim.DECAY_MASKS)}
+  assert len(set(structs.values())) == 1, structs
+
+
+def test_an_unknown_decay_mask_fails_fast():
+  with pytest.raises(ValueError, match="`decay_mask` expected one of 'kernels', 'all', "
+                                       "'all_but_alpha', got 'bias'"):
+    optim.make_optimizer('sgd', optim.make_schedule(0.1, 10), weight_decay=0.1,
+                         decay_mask='bias')
+
+
+def test_optimizer_from_config_reads_the_decay_mask_and_defaults_to_kernels():
+  from jaxnorm.training.config import default_config
+
+  c = default_config()
+  c.optimizer.update(momentum=0.0, weight_decay=0.5, learning_rate=0.1)
+  sched = optim.make_schedule(0.1, 10, schedule='constant')
+  grads = jax.tree.map(jnp.zeros_like, PWS_PARAMS)
+  for mask in (None, 'all', 'all_but_alpha'):
+    if mask is not None:
+      c.optimizer.decay_mask = mask
+    tx = optim.optimizer_from_config(c.optimizer, sched)
+    u, _ = tx.update(grads, tx.init(PWS_PARAMS), PWS_PARAMS)
+    decayed = DECAYED[mask or 'kernels']
+    np.testing.assert_allclose(u['conv']['alpha'], -0.1 if decayed['conv']['alpha'] else 0.0)
+    np.testing.assert_allclose(u['stem_norm']['scale'],
+                               -0.1 if decayed['stem_norm']['scale'] else 0.0)
+
+
 def test_nesterov_sgd_matches_closed_form():
   tx = optim.make_optimizer('sgd', optim.make_schedule(0.1, 10, schedule='constant'),
                             momentum=0.9, nesterov=True)

@@ -6,7 +6,11 @@ from Python, :func:`run_study` does the same with a config of ``experiments/conf
 - ``harness``: :class:`Claim`, :class:`StudyDir` (resumable parts and training runs),
   :func:`run_study`, the claims table.
 - ``panigrahi``: gradient variance across residual blocks (Panigrahi, Chen & Kuo 2018).
+- ``bgn``: Backward Gradient Normalization in deep plain MLPs (Cabana & Lago-Fernandez 2021).
 - ``skipinit``: BatchNorm's downscaling of residual branches, SkipInit (De & Smith 2020).
+- ``bjorck``: BatchNorm allows larger learning rates (Bjorck, Gomes, Selman & Weinberger 2018).
+- ``pws``: Parametric Weight Standardization, the shift of the average gradient (Liu, Ge, Li &
+  Gui 2021).
 """
 
 from jaxnorm.studies.harness import SCALES as SCALES

@@ -196,7 +196,8 @@ def _trajectory(ctx, learning_rate: float, steps: int):
   o = ctx.cfg.optimizer
   tx = optim.make_optimizer(o.name, optax.constant_schedule(learning_rate), momentum=o.momentum,
                             nesterov=o.nesterov, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
-                            eps=o.eps, agc_clip=o.agc_clip)
+                            eps=o.eps, agc_clip=o.agc_clip,
+                            decay_mask=o.get('decay_mask', 'kernels'))
   model, mutable = ctx.model, list(ctx.rest)
   xs = jnp.stack([b['image'] for b in ctx.batches[:steps - 1]])
   ys = jnp.stack([b['label'] for b in ctx.batches[:steps - 1]])

@@ -172,8 +172,7 @@ class StudyDir:
         stored part computed under another key is an error, not a silently stale result.
     """
     path = self._part_path(name)
-    digest = None if key is None else hashlib.sha256(
-        json.dumps(_jsonable(key), sort_keys=True).encode()).hexdigest()[:16]
+    digest = None if key is None else _digest(key)
     key_path = path[:-len('.json')] + '.key'
     if os.path.exists(path):
       if digest is not None and os.path.exists(key_path):
@@ -237,6 +236,8 @@ class StudyDir:
       return out
 
     cached = self.has_part(f'runs/{name}')
+    if cached:
+      self._adopt_run(name, config)
     if not cached:
       self.log(f'{name}: training ({config.total_steps} steps)')
     result = self.part(f'runs/{name}', run, quiet=True, key=config_json(config))
@@ -250,9 +251,42 @@ class StudyDir:
       _write_json(index_path, index)
     return result
 
+  def _adopt_run(self, name: str, config) -> None:
+    """Keeps a finished run's result when only config fields added since it ran differ.
+
+    A jaxnorm release that adds a config field (at a default that reproduces the old behaviour)
+    changes every run's config digest. The run's own workdir decides, as it does when a run is
+    resumed (:func:`jaxnorm.training.workdir.check_config`: a field the stored config lacks
+    matches at its default): if it accepts ``config``, the part's key is updated; otherwise the
+    part stays as it is and :meth:`part` reports the mismatch.
+    """
+    from jaxnorm.training import workdir as workdir_lib
+
+    key_path = self._part_path(f'runs/{name}')[:-len('.json')] + '.key'
+    digest = _digest(workdir_lib.config_json(config))
+    if not os.path.exists(key_path):
+      return
+    with open(key_path) as f:
+      if f.read().strip() == digest:
+        return
+    run_dir = self.path('runs', name, 'x')[:-2]
+    if not (os.path.exists(os.path.join(run_dir, 'config.json'))
+            and workdir_lib.has_progress(run_dir)):
+      return
+    try:
+      workdir_lib.check_config(run_dir, config)
+    except workdir_lib.ConfigMismatchError:
+      return
+    with open(key_path, 'w') as f:
+      f.write(digest)
+
   def figure(self, name: str) -> str:
     """The path of figure ``name`` (a PNG in the workdir)."""
     return self.path(f'{name}.png')
+
+
+def _digest(key) -> str:
+  return hashlib.sha256(json.dumps(_jsonable(key), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_states(config, workdir: str, steps: Sequence[int | None]):
@@ -274,13 +308,7 @@ def load_states(config, workdir: str, steps: Sequence[int | None]):
   ds = data.load_dataset(config.dataset, 'train', data_dir=config.data_dir or None,
                          image_size=config.image_size)
   model = loop.build_model(config.model, ds.num_classes)
-  schedule = optim.make_schedule(config.optimizer.learning_rate, config.total_steps,
-                                 schedule=config.schedule.name,
-                                 warmup_steps=config.schedule.warmup_steps)
-  o = config.optimizer
-  tx = optim.make_optimizer(o.name, schedule, momentum=o.momentum, nesterov=o.nesterov,
-                            weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-                            agc_clip=o.agc_clip)
+  tx = optim.optimizer_from_config(config.optimizer, optim.schedule_from_config(config))
   mesh = steps_lib.make_mesh()
   batch = data.BatchIterator(ds, config.batch_size, seed=config.seed, train=config.augment)
   init = steps_lib.create_train_state(

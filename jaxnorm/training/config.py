@@ -13,7 +13,12 @@ Fields (defaults in :func:`default_config`):
   default, derived from the factory's signature (:func:`factory_keywords`), so each one can be set
   on the command line (``--config.model.skip_init=0.0``). ``num_classes`` comes from the data set.
 - ``batch_size`` (global), ``eval_batch_size``, ``total_steps``, ``seed``.
-- ``optimizer.{name, learning_rate, momentum, nesterov, weight_decay, b1, b2, eps, agc_clip}``.
+- ``optimizer.{name, learning_rate, momentum, nesterov, weight_decay, b1, b2, eps, agc_clip,
+  decay_mask}``; ``decay_mask`` is which parameters weight decay touches, one of
+  ``jaxnorm.training.optim.DECAY_MASKS``: ``'kernels'`` (default, ``jaxnorm.models.decay_mask``:
+  kernels only), ``'all'`` (every parameter) or ``'all_but_alpha'`` (every parameter but PWS's
+  ``alpha``, the official PWS parameter groups). A run written before the field existed resumes
+  under ``'kernels'``, what it trained with.
 - ``schedule.{name, warmup_steps, step_boundaries, step_decay}``.
 - ``label_smoothing``, ``compute_dtype`` (``'float32'`` or ``'bfloat16'``).
 - ``log_every``, ``eval_every`` (0: only at the end), ``checkpoint_every``, ``keep_checkpoints``,
@@ -37,7 +42,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from jaxnorm.training.data import DATASETS
-from jaxnorm.training.optim import OPTIMIZERS, SCHEDULES
+from jaxnorm.training.optim import DECAY_MASKS, OPTIMIZERS, SCHEDULES
 
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
@@ -69,7 +74,8 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.optimizer = ml_collections.ConfigDict({
       'name': 'sgd', 'learning_rate': 0.1, 'momentum': 0.9, 'nesterov': False,
-      'weight_decay': 5e-4, 'b1': 0.9, 'b2': 0.999, 'eps': 1e-8, 'agc_clip': 0.0})
+      'weight_decay': 5e-4, 'b1': 0.9, 'b2': 0.999, 'eps': 1e-8, 'agc_clip': 0.0,
+      'decay_mask': 'kernels'})
   c.schedule = ml_collections.ConfigDict({
       'name': 'cosine', 'warmup_steps': 0, 'step_boundaries': (0.5, 0.75), 'step_decay': 0.1})
   c.label_smoothing = 0.0
@@ -272,6 +278,7 @@ def validate_config(c: ml_collections.ConfigDict, num_devices: int | None = None
   _num(c, 'optimizer.agc_clip', 0, float('inf'), hi_open=True)
   if c.optimizer.nesterov and c.optimizer.momentum == 0:
     raise ConfigError('optimizer.nesterov', 'False when optimizer.momentum is 0', True)
+  _choice(c, 'optimizer.decay_mask', DECAY_MASKS)
   _choice(c, 'schedule.name', SCHEDULES)
   _int(c, 'schedule.warmup_steps', minimum=0)
   if c.schedule.warmup_steps >= c.total_steps:

@@ -276,15 +276,8 @@ def _run(config, workdir, mesh, primary, model, step_callback, stop) -> dict[str
   if model is None:
     model = build_model(config.model, train_ds.num_classes)
   total = config.total_steps
-  schedule = optim.make_schedule(
-      config.optimizer.learning_rate, total, schedule=config.schedule.name,
-      warmup_steps=config.schedule.warmup_steps,
-      step_boundaries=tuple(config.schedule.step_boundaries),
-      step_decay=config.schedule.step_decay)
-  o = config.optimizer
-  tx = optim.make_optimizer(o.name, schedule, momentum=o.momentum, nesterov=o.nesterov,
-                            weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-                            agc_clip=o.agc_clip)
+  schedule = optim.schedule_from_config(config)
+  tx = optim.optimizer_from_config(config.optimizer, schedule)
   iterator = data_lib.BatchIterator(train_ds, config.batch_size, seed=config.seed,
                                     train=config.augment)
   # Initialize on the first training batch (real data: data-dependent initializations such as

@@ -3,8 +3,14 @@
 - ``sgd``: heavy-ball momentum or Nesterov; weight decay is coupled L2 (``g + wd * w`` before the
   momentum buffer), as in the ResNet recipes of the papers.
 - ``adam``: AdamW (decoupled weight decay, ``w <- w - lr * (adam(g) + wd * w)``).
-- Weight decay never touches gains, biases, PWS alphas or normalization scales: the mask is
-  :func:`jaxnorm.models.decay_mask` (the package's one mask) unless the caller passes another.
+- Which parameters weight decay touches is the ``decay_mask`` choice (``DECAY_MASKS``;
+  ``optimizer.decay_mask`` in a training config): ``'kernels'`` (the default) is
+  :func:`jaxnorm.models.decay_mask` (the package's one mask: kernels yes; gains, biases, PWS
+  alphas and normalization scales no); ``'all'`` decays every parameter, as a plain
+  ``torch.optim.SGD(model.parameters(), weight_decay=wd)`` does; ``'all_but_alpha'`` decays every
+  parameter but PWS's ``alpha``, the parameter groups of the official PWS code (its ``alpha`` is
+  in a group with weight decay 0; kernels, biases and GroupNorm affines get the decay). A callable
+  ``params -> bool tree`` is also accepted.
 - Optional adaptive gradient clipping (``optax.adaptive_grad_clip``, unit-wise ratio
   ``||g|| / max(||w||, 1e-3) <= clip``), applied to the raw gradient first.
 - Schedules: linear warmup, then cosine decay to 0, step decay (multiply by ``step_decay`` at the
@@ -24,8 +30,10 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import jax
 import optax
 
 from jaxnorm import models
@@ -33,6 +41,52 @@ from jaxnorm.functional._checks import check_choice
 
 OPTIMIZERS = ('sgd', 'adam')
 SCHEDULES = ('cosine', 'step', 'constant')
+DECAY_MASKS = ('kernels', 'all', 'all_but_alpha')
+
+
+def _decay_all(params):
+  """Every leaf decays (a mask, not ``mask=None``, so the optimizer state keeps its structure)."""
+  return jax.tree.map(lambda _: True, params)
+
+
+def _decay_all_but_alpha(params):
+  """Every leaf but those named 'alpha' (PWS's per-channel gain) decays."""
+
+  def keep(path, _):
+    last = path[-1]
+    return str(getattr(last, 'key', getattr(last, 'name', last))) != 'alpha'
+
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def resolve_decay_mask(decay_mask: str | Callable[[Any], Any] | None) -> Callable[[Any], Any]:
+  """The mask function (``params -> bool tree``, True = decayed) of a ``decay_mask`` choice.
+
+  Args:
+    decay_mask: None or ``'kernels'`` (:func:`jaxnorm.models.decay_mask`: kernels only),
+      ``'all'`` (every parameter), ``'all_but_alpha'`` (every parameter but PWS's ``alpha``, the
+      official PWS parameter groups), or a callable returned as is.
+
+  Returns:
+    A function for ``optax.add_decayed_weights(mask=...)``. Every choice is a function (never
+    ``mask=None``), so the optimizer state has the same structure whichever is chosen and a
+    checkpoint restores under any of them.
+
+  Raises:
+    ValueError: naming the argument, for an unknown name.
+
+  References:
+    Liu, Ge, Li & Gui (2021), 'Delving into Variance Transmission and Normalization: Shift of
+    Average Gradient Makes the Network Collapse', arXiv:2103.11590 (official code: alpha in its
+    own parameter group with weight decay 0, every other parameter decayed).
+  """
+  if decay_mask is None:
+    return models.decay_mask
+  if callable(decay_mask):
+    return decay_mask
+  check_choice('make_optimizer', 'decay_mask', decay_mask, DECAY_MASKS)
+  return {'kernels': models.decay_mask, 'all': _decay_all,
+          'all_but_alpha': _decay_all_but_alpha}[decay_mask]
 
 
 def make_schedule(learning_rate: float, total_steps: int, *, schedule: str = 'cosine',
@@ -76,7 +130,8 @@ def make_schedule(learning_rate: float, total_steps: int, *, schedule: str = 'co
 def make_optimizer(name: str, schedule: optax.Schedule, *, momentum: float = 0.9,
                    nesterov: bool = False, weight_decay: float = 0.0, b1: float = 0.9,
                    b2: float = 0.999, eps: float = 1e-8, agc_clip: float = 0.0,
-                   decay_mask=None) -> optax.GradientTransformation:
+                   decay_mask: str | Callable[[Any], Any] | None = None,
+                   ) -> optax.GradientTransformation:
   """The optax optimizer for a training run.
 
   Args:
@@ -89,8 +144,10 @@ def make_optimizer(name: str, schedule: optax.Schedule, *, momentum: float = 0.9
     b2: Adam second-moment decay.
     eps: Adam epsilon.
     agc_clip: adaptive gradient clipping threshold (0 disables it).
-    decay_mask: params -> bool pytree of the parameters to decay (default
-      :func:`jaxnorm.models.decay_mask`: kernels yes; biases, scales, gains, alphas no).
+    decay_mask: which parameters weight decay touches: None / ``'kernels'`` (default,
+      :func:`jaxnorm.models.decay_mask`: kernels yes; biases, scales, gains, alphas no),
+      ``'all'``, ``'all_but_alpha'`` (see :func:`resolve_decay_mask`), or a function
+      ``params -> bool pytree``.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -101,7 +158,7 @@ def make_optimizer(name: str, schedule: optax.Schedule, *, momentum: float = 0.9
     Normalization', arXiv:2102.06171.
   """
   check_choice('make_optimizer', 'name', name, OPTIMIZERS)
-  mask = models.decay_mask if decay_mask is None else decay_mask
+  mask = resolve_decay_mask(decay_mask)
   parts = []
   if agc_clip > 0:
     parts.append(optax.adaptive_grad_clip(agc_clip))
@@ -115,3 +172,34 @@ def make_optimizer(name: str, schedule: optax.Schedule, *, momentum: float = 0.9
       parts.append(optax.add_decayed_weights(weight_decay, mask=mask))
     parts.append(optax.scale_by_learning_rate(schedule))
   return optax.chain(*parts)
+
+
+def schedule_from_config(config: Any) -> optax.Schedule:
+  """:func:`make_schedule` for a training config (``optimizer.learning_rate``, ``total_steps``
+  and the ``schedule`` section)."""
+  s = config.schedule
+  return make_schedule(config.optimizer.learning_rate, config.total_steps, schedule=s.name,
+                       warmup_steps=s.warmup_steps, step_boundaries=tuple(s.step_boundaries),
+                       step_decay=s.step_decay)
+
+
+def optimizer_from_config(optimizer: Any, schedule: optax.Schedule,
+                          ) -> optax.GradientTransformation:
+  """:func:`make_optimizer` for a config's ``optimizer`` section (``config.optimizer``).
+
+  Reads ``name``, ``momentum``, ``nesterov``, ``weight_decay``, ``b1``, ``b2``, ``eps``,
+  ``agc_clip`` and ``decay_mask`` (``'kernels'`` when the section has none: a config written
+  before the field existed).
+
+  Args:
+    optimizer: the ``optimizer`` section of a training config.
+    schedule: learning-rate schedule.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+  """
+  o = optimizer
+  mask = o.get('decay_mask', 'kernels') if hasattr(o, 'get') else 'kernels'
+  return make_optimizer(o.name, schedule, momentum=o.momentum, nesterov=o.nesterov,
+                        weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+                        agc_clip=o.agc_clip, decay_mask=mask)
