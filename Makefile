@@ -48,4 +48,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) results *.egg-info docs/_build docs/api/generated
+	rm -rf $(VENV) results *.egg-info docs/_build docs/api/generated docs/colabs tests/.xla_cache

@@ -1,6 +1,7 @@
 """Sphinx configuration of jaxnorm's documentation (built by `make docs` into docs/_build/html)."""
 
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.abspath('..'))
@@ -11,7 +12,7 @@ author = 'The jaxnorm maintainers'
 copyright = '2026, The jaxnorm maintainers'  # noqa: A001
 
 extensions = [
-    'myst_parser',
+    'myst_nb',  # MyST Markdown (it includes myst_parser) and Jupyter notebooks
     'sphinx.ext.autodoc',
     'sphinx.ext.autosummary',
     'sphinx.ext.napoleon',
@@ -19,9 +20,13 @@ extensions = [
     'sphinx.ext.viewcode',
 ]
 
-source_suffix = {'.md': 'markdown', '.rst': 'restructuredtext'}
+source_suffix = {'.md': 'myst-nb', '.ipynb': 'myst-nb', '.rst': 'restructuredtext'}
 root_doc = 'index'
-exclude_patterns = ['_build', 'Thumbs.db', '.DS_Store']
+exclude_patterns = ['_build', 'Thumbs.db', '.DS_Store', 'jupyter_execute']
+
+# The notebooks (colabs/*.ipynb) are rendered as they are committed: source only, not executed
+# here (the test suite executes them, tests/test_notebooks.py).
+nb_execution_mode = 'off'
 
 myst_enable_extensions = ['dollarmath', 'amsmath', 'colon_fence', 'deflist']
 myst_heading_anchors = 3
@@ -98,3 +103,28 @@ def write_api_pages():
 
 
 write_api_pages()  # Before autosummary reads the pages.
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebooks: colabs/*.ipynb live outside the docs tree, so each build copies them into
+# docs/colabs/ (a build product that ignores itself in git), where docs/notebooks.md lists them.
+
+
+def copy_notebooks():
+  """Copies ``colabs/*.ipynb`` into ``docs/colabs/`` (only the files that changed)."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  src = os.path.join(os.path.dirname(here), 'colabs')
+  out = os.path.join(here, 'colabs')
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, '.gitignore'), 'w') as f:
+    f.write('# Copied from colabs/ by docs/conf.py at each build.\n*\n')
+  names = sorted(n for n in os.listdir(src) if n.endswith('.ipynb'))
+  for name in set(os.listdir(out)) - set(names) - {'.gitignore'}:
+    os.remove(os.path.join(out, name))
+  for name in names:
+    a, b = os.path.join(src, name), os.path.join(out, name)
+    if not os.path.exists(b) or open(a, 'rb').read() != open(b, 'rb').read():
+      shutil.copyfile(a, b)
+
+
+copy_notebooks()

@@ -176,27 +176,37 @@ def test_a_full_scale_run_takes_its_first_steps_at_smoke_size(tmp_path):
 
 
 @pytest.mark.parametrize('paper', PAPERS)
-def test_smoke_study_writes_claims_figures_and_resumes(paper, tmp_path, capsys):
+def test_smoke_study_writes_claims_figures_and_resumes_and_its_notebook_runs(paper, tmp_path,
+                                                                           capsys):
+  from notebook_runner import execute_notebook
+
+  workdir = tmp_path / f'{paper}-smoke'  # where colabs/<paper>.ipynb writes at smoke size
   t = time.time()
-  claims = studies.run_study(load_config(paper, 'smoke'), str(tmp_path))
+  claims = studies.run_study(load_config(paper, 'smoke'), str(workdir))
   seconds = time.time() - t
   out = capsys.readouterr().out
   assert 'verdict' in out and 'claims.json' in out
-  written = studies.read_claims(str(tmp_path / 'claims.json'))
+  written = studies.read_claims(str(workdir / 'claims.json'))
   assert len(written) == len(claims) >= 4
   for c in written:
     assert set(c) == CLAIM_KEYS, c
     assert c['verdict'] in studies.VERDICTS and c['scale'] == 'smoke' and c['paper'] == paper
   measured = [c for c in written if c['verdict'] != 'not_run']
   assert len(measured) >= 4 and all(c['measured'] is not None for c in measured)
-  pngs = [f for f in os.listdir(tmp_path) if f.endswith('.png')]
+  pngs = [f for f in os.listdir(workdir) if f.endswith('.png')]
   assert len(pngs) >= 2, pngs
   # A rerun reads every part and run back: same claims, in a fraction of the time.
   t = time.time()
-  again = studies.run_study(load_config(paper, 'smoke'), str(tmp_path))
+  again = studies.run_study(load_config(paper, 'smoke'), str(workdir))
   assert [c.to_dict() for c in again] == [c.to_dict() for c in claims]
   assert time.time() - t < max(0.5 * seconds, 5.0)
-  print(f'{paper} smoke: {seconds:.1f}s')
+  # The paper's notebook, top to bottom in a fresh kernel: its study reads this one back.
+  notebook = execute_notebook(os.path.join(REPO, 'colabs', f'{paper}.ipynb'),
+                              env={'JAXNORM_SMOKE': '1', 'JAXNORM_WORKDIR': str(tmp_path)},
+                              timeout=300)
+  assert os.listdir(tmp_path) == [workdir.name]
+  assert studies.read_claims(str(workdir / 'claims.json')) == written
+  print(f'{paper} smoke: {seconds:.1f}s; {paper}.ipynb on its workdir: {notebook:.1f}s')
 
 
 def test_launcher_rejects_an_unknown_paper_and_a_missing_workdir(tmp_path):

@@ -1,6 +1,7 @@
 """Matplotlib figures of per-block signal propagation: one line per normalization, theory dashed.
 
-Uses the non-interactive Agg backend (no display needed) and writes PNG files.
+Draws on ``matplotlib.figure.Figure`` objects, not pyplot, so it needs no display and leaves the
+active backend alone (a notebook keeps its inline plots); writes PNG files.
 
 References:
   Brock, De & Smith (2021), "Characterizing signal propagation to close the performance gap in
@@ -17,12 +18,10 @@ import os
 from collections.abc import Mapping, Sequence
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jaxnorm.functional._checks import fail  # noqa: E402
+from jaxnorm.functional._checks import fail
 
 _LAYER = 'jaxnorm.diagnostics.plots'
 
@@ -56,7 +55,7 @@ def plot_per_block(ax, curves: Mapping[str, Sequence[float]],
     unnormalized ResNets", arXiv:2101.08692 (signal propagation plots).
   """
   theory = theory or {}
-  cycle = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  cycle = matplotlib.rcParams['axes.prop_cycle'].by_key()['color']
   for i, (name, ys) in enumerate(curves.items()):
     color = (colors or {}).get(name, cycle[i % len(cycle)])
     ys = np.asarray(ys, np.float64)
@@ -109,10 +108,11 @@ def save_per_block_figure(path: str, panels: Sequence[Mapping], *, ncols: int = 
   n = len(panels)
   ncols = min(ncols, n)
   nrows = -(-n // ncols)
-  fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.8 * nrows), squeeze=False)
+  fig = Figure(figsize=(5.2 * ncols, 3.8 * nrows))
+  axes = fig.subplots(nrows, ncols, squeeze=False)
   # One colour per normalization across all panels, in order of first appearance.
   names = list(dict.fromkeys(name for panel in panels for name in panel['curves']))
-  cycle = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  cycle = matplotlib.rcParams['axes.prop_cycle'].by_key()['color']
   colors = {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
   for ax, panel in zip(axes.flat, panels, strict=False):
     plot_per_block(ax, panel['curves'], panel.get('theory'), title=panel.get('title', ''),
@@ -132,5 +132,4 @@ def save_per_block_figure(path: str, panels: Sequence[Mapping], *, ncols: int = 
   fig.tight_layout(rect=(0, 0.06, 1, 0.95))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path

@@ -520,12 +520,10 @@ def _figure_depth(study, init: dict, last_depth: dict):
 
 def _figure_init_gradients(study, init: dict):
   """dL/dlogits heat maps (top) and histograms of the middle block's gradients (bottom)."""
-  import matplotlib
+  from matplotlib.figure import Figure
 
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(2, len(init), figsize=(4.4 * len(init), 8.0), squeeze=False)
+  fig = Figure(figsize=(4.4 * len(init), 8.0))
+  axes = fig.subplots(2, len(init), squeeze=False)
   for j, (variant, d) in enumerate(init.items()):
     ax = axes[0, j]
     g = np.asarray(d['logit_grad'])
@@ -546,7 +544,6 @@ def _figure_init_gradients(study, init: dict):
   fig.suptitle('Output and weight gradients at initialization', fontsize=10)
   fig.tight_layout()
   fig.savefig(study.figure('bjorck_init_gradients'), dpi=100)
-  plt.close(fig)
 
 
 def _figure_spectra(study, gauss: dict, jac: dict):

@@ -1,4 +1,4 @@
-"""Small matplotlib helpers for the studies' figures (Agg backend, PNG files).
+"""Small matplotlib helpers for the studies' figures (PNG files; ``Figure`` objects, not pyplot).
 
 A figure is a grid of panels; a panel is a dict with ``title``, ``xlabel``, ``ylabel``, optional
 ``logx`` / ``logy`` and ``lines``: a list of ``{'x', 'y', 'label', 'style', 'color'}`` (``style`` a
@@ -11,10 +11,8 @@ import os
 from collections.abc import Mapping, Sequence
 
 import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def save_panels(path: str, panels: Sequence[Mapping], *, ncols: int = 2, suptitle: str = '',
@@ -23,8 +21,9 @@ def save_panels(path: str, panels: Sequence[Mapping], *, ncols: int = 2, suptitl
   n = len(panels)
   ncols = max(1, min(ncols, n))
   nrows = -(-n // ncols)
-  fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
-  cycle = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  fig = Figure(figsize=(width * ncols, height * nrows))
+  axes = fig.subplots(nrows, ncols, squeeze=False)
+  cycle = matplotlib.rcParams['axes.prop_cycle'].by_key()['color']
   labels = list(dict.fromkeys(
       line.get('label', '') for p in panels for line in p.get('lines', ())
       if line.get('label')))
@@ -60,5 +59,4 @@ def save_panels(path: str, panels: Sequence[Mapping], *, ncols: int = 2, suptitl
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=100)
-  plt.close(fig)
   return path
