@@ -44,6 +44,15 @@ def load_config(paper: str, scale: str):
   return module.get_config(scale)
 
 
+def _compile_fast() -> None:
+  """XLA:CPU without LLVM's machine-code optimization (unless ``XLA_FLAGS`` sets the level): a
+  smoke study compiles far more than it runs, and this halves its wall time on two cores (e.g.
+  bjorck 50 s -> 25 s). Set before JAX starts its backend. The other scales keep XLA's default."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  if '--xla_backend_optimization_level' not in flags:
+    os.environ['XLA_FLAGS'] = (flags + ' --xla_backend_optimization_level=0').strip()
+
+
 def _use_compilation_cache(workdir: str) -> None:
   """Keeps XLA's compiled programs in ``<workdir>/xla_cache`` (unless ``JAX_COMPILATION_CACHE_DIR``
   names another place): a study compiles the same model's init and steps in several runs and
@@ -66,6 +75,8 @@ def main(argv) -> int:
           '--workdir=results/skipinit)', file=sys.stderr)
     return 2
   logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint at INFO.
+  if _SCALE.value == 'smoke':
+    _compile_fast()
   _use_compilation_cache(_WORKDIR.value)
   from jaxnorm import training
   from jaxnorm.studies import run_study

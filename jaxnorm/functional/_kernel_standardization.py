@@ -24,9 +24,39 @@ axis but the last, and nothing here needs to know ``G``. Each method centres the
   gamma 1e-3: the ratio to 2 is ``1 / (1 + gamma fan_in / 2)``, 0.78 at ``fan_in = 576``).
 
 Statistics are computed in float32 (float64 for float64 kernels) whatever the kernel dtype; the
-result has the kernel's dtype. Every method is invariant to adding a constant to a filter, so the
-kernel gradient through it is orthogonal to the all-ones direction of each filter (the "average
-gradient" component is projected out).
+result has the kernel's dtype. They are shifted two-pass statistics: an entry of each filter
+(held constant for differentiation) is subtracted before summing, so a large common offset
+(e.g. 1e4) costs no float32 precision, and the variance is that of the centred values.
+
+Every method is invariant to adding a constant to a filter, so the kernel gradient through it is
+orthogonal to the all-ones direction of each filter (the "average gradient" component is
+projected out).
+
+Derivative (``closed_form_backward=True``, the default). Every method is
+``y_o = c s_o W_c r(v_o)`` with ``W_c = W_o - mu_o`` (one filter), ``v_o = mean(W_c^2)`` its biased
+variance, ``c`` a constant (``sqrt(2 / fan)`` for PWS, else 1), ``s_o`` the optional scale and
+``r`` the method's inverse spread (``(v + eps)^(-1/2)``, ``1 / (sqrt(n v / (n - 1)) + eps)``,
+``max(n v, eps)^(-1/2)``, ``(v + gamma)^(-1/2)``). With ``d mu = mean(dW)`` and
+``d v = 2 mean(W_c dW)``, its derivative per filter is the closed form::
+
+  dy = c s r (dW - mean(dW)) + c s a W_c sum(W_c dW) + c r W_c ds,    a = 2 r'(v) / n,
+
+and its transpose, the backward pass for a cotangent ``g`` (``y_hat = W_c r``, ``a = -r^3 / n``
+for WS and PWS, where it is BatchNorm's formula over the filter)::
+
+  dL/dW = c s r (g - mean(g) - y_hat mean(g y_hat)),   dL/ds = c sum(g y_hat).
+
+``standardize_kernel`` computes it as a ``jax.custom_jvp`` whose tangent rule is that (linear)
+formula: JAX transposes it for reverse mode, so forward mode (``jax.jvp``, ``jax.jacfwd``),
+reverse mode and every composition (``jax.hessian``, grad of grad) work, and since the rule
+recomputes the statistics with ordinary JAX operations, second derivatives are the true ones.
+The backward pass is two column sums (of ``g`` and of ``W_c g``) and one elementwise pass on the
+``(n, Cout)`` view of the kernel, instead of autodiff's transposes of the shifted two-pass
+statistics (in a ResNet-50 conv layer, 12 kernel-sized float32 reads or writes per forward +
+backward instead of 26; times in BENCHMARKS.md, section 3). In
+``'scaled_ws'`` the clamped branch ``n v <= eps`` does not depend on the filter (``a = 0``
+there; ``jnp.maximum``'s 1/2 at an exact tie). ``closed_form_backward=False`` differentiates the
+direct formula by autodiff instead (the same function; tests and benchmarks compare the two).
 
 Degenerate filters standardize to **zeros**, with a zero (finite) gradient. A constant filter
 with ``eps = 0`` (``'ws'``, ``'ws_std'``) or ``gamma = 0`` (``'pws'``) has a zero divisor: its
@@ -41,7 +71,10 @@ References:
   propagation to close the performance gap in unnormalized ResNets", arXiv:2101.08692
   (``deepmind-research/nfnets/base.py::WSConv2D``). Liu, Ge, Li, Gui (2021), "Delving into
   Variance Transmission and Normalization: Shift of Average Gradient Makes the Network Collapse"
-  (Parametric Weight Standardization), AAAI 2021 (official PyTorch ``pws_layer.py``).
+  (Parametric Weight Standardization), AAAI 2021 (official PyTorch ``pws_layer.py``). The
+  derivative through the mean and variance: Ioffe & Szegedy (2015), "Batch Normalization:
+  Accelerating Deep Network Training by Reducing Internal Covariate Shift", arXiv:1502.03167,
+  section 3.
 """
 
 from __future__ import annotations
@@ -53,6 +86,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from jaxnorm.functional._checks import check_choice, check_floating, fail
 
@@ -231,6 +265,7 @@ def standardize_kernel(
     gamma: float = 1e-5,
     mode: str = 'fan_in',
     equiv: bool = False,
+    closed_form_backward: bool = True,
 ) -> jax.Array:
   """Standardizes each output filter of an ``HWIO`` kernel.
 
@@ -248,6 +283,9 @@ def standardize_kernel(
       number >= 0; with 0, a constant filter standardizes to 0 (see the module docstring).
     mode: PWS's fan mode, ``'fan_in'`` or ``'fan_out'``; ``'pws'`` only.
     equiv: PWS's ``equiv`` flag: use ``gamma * 2 / fan`` in place of gamma; ``'pws'`` only.
+    closed_form_backward: differentiate through the closed-form ``jax.custom_jvp`` (default; see
+      the module docstring); False: autodiff of the direct formula (same values and
+      derivatives, more passes over the kernel).
 
   Returns:
     The standardized kernel, same shape and dtype as ``kernel``. A filter whose divisor is 0
@@ -292,10 +330,32 @@ def standardize_kernel(
       fail(_LAYER, 'scale', f'shape ({cout},) (one per output channel) or ()',
            f'shape {jnp.shape(scale)}')
 
+  n = math.prod(kernel.shape[:-1])  # entries per filter = fan_in
+  if method == 'ws_std' and n < 2:
+    fail(_LAYER, 'kernel', "at least 2 entries per filter for the unbiased std of 'ws_std'",
+         f'shape {kernel.shape}')
+  if method == 'pws':
+    fan = pws_fan(kernel.shape, mode)
+    const, stabilizer = math.sqrt(2.0 / fan), (gamma * 2.0 / fan if equiv else gamma)
+  else:
+    const, stabilizer = 1.0, eps
+
   dtype = kernel.dtype
   w = kernel.astype(_stats_dtype(dtype))
-  axes = tuple(range(kernel.ndim - 1))  # every axis but the output channels
-  n = math.prod(kernel.shape[:-1])      # entries per filter = fan_in
+  if scale is not None:
+    scale = jnp.asarray(scale, w.dtype)
+  if not closed_form_backward:
+    return _standardize_autodiff(w, method, n, const, stabilizer, scale).astype(dtype)
+  # One column per filter: the per-filter vectors broadcast along rows only, and their
+  # transposes are plain column sums (XLA:CPU runs the keepdims HWIO sums much slower).
+  filters = w.reshape(n, cout)
+  out = _closed_form(method, n, const, stabilizer)(filters, scale)
+  return out.reshape(kernel.shape).astype(dtype)
+
+
+def _standardize_autodiff(w, method, n, const, stabilizer, scale):
+  """The direct formula on the ``HWIO`` kernel (statistics dtype), differentiated by autodiff."""
+  axes = tuple(range(w.ndim - 1))  # every axis but the output channels
   # Shifted two-pass statistics: subtract one entry of each filter first (exact in floating point
   # for nearby values), so a large common offset (e.g. 1e4) does not swamp the float32 sums.
   shift = jax.lax.stop_gradient(w[(0,) * len(axes)])
@@ -303,27 +363,112 @@ def standardize_kernel(
   centred = shifted - jnp.mean(shifted, axis=axes, keepdims=True)
   # Centred two-pass (biased) variance: exact for filters with a large common offset.
   var = jnp.mean(jnp.square(centred), axis=axes, keepdims=True)
-
   if method == 'ws':
-    out = centred * _safe_rsqrt(var + eps)
+    out = centred * _safe_rsqrt(var + stabilizer)
   elif method == 'ws_std':
-    if n < 2:
-      fail(_LAYER, 'kernel', "at least 2 entries per filter for the unbiased std of 'ws_std'",
-           f'shape {kernel.shape}')
     var_unbiased = var * (n / (n - 1))
     # sqrt with a finite gradient for a constant filter (std 0): d std / d W is then taken as 0.
     positive = var_unbiased > 0
     std = jnp.where(positive, jnp.sqrt(jnp.where(positive, var_unbiased, 1.0)), 0.0)
-    denom = std + eps  # 0 only for a constant filter with eps = 0: standardized to 0
+    denom = std + stabilizer  # 0 only for a constant filter with eps = 0: standardized to 0
     nonzero = denom > 0
     out = jnp.where(nonzero, centred / jnp.where(nonzero, denom, 1.0), 0.0)
   elif method == 'scaled_ws':
-    out = centred * jax.lax.rsqrt(jnp.maximum(n * var, eps))
+    out = centred * jax.lax.rsqrt(jnp.maximum(n * var, stabilizer))
   else:  # 'pws'
-    fan = pws_fan(kernel.shape, mode)
-    g = gamma * 2.0 / fan if equiv else gamma
-    out = math.sqrt(2.0 / fan) * centred * _safe_rsqrt(var + g)
+    out = const * centred * _safe_rsqrt(var + stabilizer)
+  return out if scale is None else out * scale
 
-  if scale is not None:
-    out = out * jnp.asarray(scale, out.dtype)
-  return out.astype(dtype)
+
+def _divisor(method: str, n: int, const: float, stabilizer: float, var: jax.Array):
+  """Per-filter ``r(var)`` (the factor of the centred filter, ``c`` included) and
+  ``a = 2 r'(var) / n``, with the derivative of every degenerate branch (0, finite).
+
+  ``'ws'`` / ``'pws'``: ``r = c (var + e)^(-1/2)``, ``a = -c (var + e)^(-3/2) / n`` (``e`` the
+  stabilizer: eps, or PWS's gamma);
+  ``'scaled_ws'``: ``r = max(n var, eps)^(-1/2)``, ``a = -r^3`` above the clamp, 0 below it (the
+  clamped branch does not depend on the filter), ``-r^3 / 2`` at a tie (``jnp.maximum``'s
+  derivative there); ``'ws_std'``: ``r = 1 / (std_u + eps)``, ``std_u = sqrt(n var / (n - 1))``,
+  ``a = -r^2 / ((n - 1) std_u)`` (0 for a constant filter, whose std gets a zero derivative).
+  A zero divisor (``'ws'`` / ``'pws'`` / ``'ws_std'`` with a zero stabilizer on a constant filter)
+  gives ``r = a = 0``.
+  """
+  if method in ('ws', 'pws'):
+    inv = _safe_rsqrt(var + stabilizer)
+    return const * inv, (-const / n) * inv * inv * inv
+  if method == 'scaled_ws':
+    nvar = n * var
+    inv = jax.lax.rsqrt(jnp.maximum(nvar, stabilizer))
+    slope = jnp.where(nvar > stabilizer, 1.0, jnp.where(nvar == stabilizer, 0.5, 0.0))
+    return inv, -(inv * inv * inv) * slope
+  # 'ws_std'
+  var_unbiased = var * (n / (n - 1))
+  positive = var_unbiased > 0
+  std = jnp.where(positive, jnp.sqrt(jnp.where(positive, var_unbiased, 1.0)), 0.0)
+  denom = std + stabilizer
+  nonzero = denom > 0
+  r = jnp.where(nonzero, 1.0 / jnp.where(nonzero, denom, 1.0), 0.0)
+  a = jnp.where(positive, -(r * r) / ((n - 1) * jnp.where(positive, std, 1.0)), 0.0)
+  return r, a
+
+
+def _closed_form(method: str, n: int, const: float, stabilizer: float):
+  """Returns ``f(filters, scale)``: the standardization of ``(n, Cout)`` filters (one per column,
+  statistics dtype; ``scale`` ``(Cout,)``, ``()`` or None) as a ``jax.custom_jvp`` whose tangent
+  rule is the closed form of the module docstring, linear in the tangents.
+
+  JAX transposes the rule for reverse mode: ``dW = m (g - mean(g)) + a s W_c sum(W_c g)``,
+  ``ds = r sum(W_c g)`` (``m = r s``): two column sums and one elementwise pass. The statistics are
+  recomputed inside the rule by plain JAX, so differentiating the rule (grad of grad,
+  ``jax.hessian``) gives the true second derivatives. Hyperparameters are closed-over Python
+  values.
+
+  Each column sum over the kernel subtracts its own stop-gradient row of the filters (rows 0,
+  ``n - 1`` and ``n // 2``: every one is an entry of each filter, so each keeps the shifted sums
+  exact under a large common offset). Mathematically the same centred filter, they are distinct
+  expressions: XLA:CPU fuses each subtraction into its reduction instead of writing a shared
+  shifted copy of the kernel to memory and reading it back. In the ResNet-50 conv5_x 3x3 layer
+  of BENCHMARKS.md section 3 (forward + gradients) that makes 12 kernel-sized reads or writes
+  (a plain convolution: 4; a single shift row: 16; autodiff of the direct formula: 26).
+  """
+
+  def statistics(filters):
+    row = lambda i: jax.lax.stop_gradient(filters[i])
+    s0, s1, s2 = row(0), row(n - 1), row(n // 2)
+    # mu: the mean of filters - s0, summed as filters - s1 (exact difference of two entries).
+    mu = jnp.mean(filters - s1, axis=0) + (s1 - s0)
+    # Centred two-pass variance around t = s0 + mu, rounded; its rounding error d (exact for a
+    # large offset, |s0| >> |mu|) is removed: mean((W_c - d)^2) = var + d^2 as mean(W_c) = 0.
+    t = s0 + mu
+    d = (t - s0) - mu
+    var = jnp.maximum(jnp.mean(jnp.square(filters - t), axis=0) - d * d, 0.0)
+    return s0, s2, mu, *_divisor(method, n, const, stabilizer, var)
+
+  @jax.custom_jvp
+  def standardize(filters, scale):
+    s0, _, mu, r, _ = statistics(filters)
+    return ((filters - s0) - mu) * (r if scale is None else r * scale)
+
+  def standardize_jvp(primals, tangents):
+    filters, scale = primals
+    d_filters, d_scale = tangents
+    s0, s2, mu, r, a = statistics(filters)
+    m = r if scale is None else r * scale
+    centred = (filters - s0) - mu
+    # d out = m dW - m mean(dW) + W_c (a s sum(W_c dW) + r ds): per-filter vectors broadcast
+    # along the rows, so the transpose is column sums of g and W_c g (sum(W_c) = 0: the result
+    # stays orthogonal to each filter's all-ones direction). The last factor W_c is written
+    # around the row s2: its transpose is the backward's sum of W_c g.
+    tangent = jnp.zeros_like(centred)
+    coef = jnp.zeros_like(r)
+    if not isinstance(d_filters, SymbolicZero):
+      am = a if scale is None else a * scale
+      coef = am * jnp.sum(centred * d_filters, axis=0)
+      tangent = m * d_filters - m * jnp.mean(d_filters, axis=0)
+    if scale is not None and not isinstance(d_scale, SymbolicZero):
+      coef = coef + r * d_scale
+    tangent = tangent + (filters - s2) * coef - (mu + (s0 - s2)) * coef
+    return centred * m, tangent
+
+  standardize.defjvp(standardize_jvp, symbolic_zeros=True)
+  return standardize

@@ -228,6 +228,10 @@ class WSConv(_ConvBase):
     eps: 1e-5 in both; a finite number >= 0 (nan, inf and negative values raise ValueError at
       ``init``/``apply``).
     kernel_init: kernel initializer (LeCun normal; the scale is removed by the standardization).
+    closed_form_backward: the closed-form derivative of the kernel standardization (default
+      True); False differentiates its direct formula by autodiff (same values; see
+      :func:`jaxnorm.functional.standardize_kernel`). Independent of ``custom_backward`` (the
+      convolution's).
 
   References:
     Qiao, Wang, Liu, Shen, Yuille (2019), "Micro-Batch Training with Batch-Channel Normalization
@@ -236,12 +240,14 @@ class WSConv(_ConvBase):
 
   method: str = 'ws'
   eps: float = 1e-5
+  closed_form_backward: bool = True
 
   def _transform_kernel(self, kernel, output):
     check_choice('WSConv', 'method', self.method, ('ws', 'ws_std'))
     check_stabilizer('WSConv', 'eps', self.eps, allow_zero=True)
     _check_fan_in(self, 'WSConv', kernel.shape, self.method)
-    return standardize_kernel(kernel, self.method, eps=self.eps)
+    return standardize_kernel(kernel, self.method, eps=self.eps,
+                              closed_form_backward=self.closed_form_backward)
 
 
 class ScaledWSConv(_ConvBase):
@@ -270,6 +276,10 @@ class ScaledWSConv(_ConvBase):
     eps: lower bound on ``fan_in * var`` (1e-4); a finite number > 0 (0, nan, inf and negative
       values raise ValueError at ``init``/``apply``).
     kernel_init: kernel initializer (None: variance scaling 1.0, fan-in, normal).
+    closed_form_backward: the closed-form derivative of the kernel standardization (default
+      True); False differentiates its direct formula by autodiff (same values; see
+      :func:`jaxnorm.functional.standardize_kernel`). Independent of ``custom_backward`` (the
+      convolution's).
 
   References:
     Brock, De, Smith (2021), "Characterizing signal propagation to close the performance gap in
@@ -279,6 +289,7 @@ class ScaledWSConv(_ConvBase):
 
   kernel_init: Initializer | None = None
   eps: float = 1e-4
+  closed_form_backward: bool = True
 
   def _default_kernel_init(self):
     return initializers.variance_scaling(1.0, 'fan_in', 'normal')
@@ -287,7 +298,8 @@ class ScaledWSConv(_ConvBase):
     check_stabilizer('ScaledWSConv', 'eps', self.eps, allow_zero=False)
     _check_fan_in(self, 'ScaledWSConv', kernel.shape, 'scaled_ws')
     gain = self.param('gain', nn.initializers.ones_init(), (self.features,), self.param_dtype)
-    return standardize_kernel(kernel, 'scaled_ws', eps=self.eps, scale=gain)
+    return standardize_kernel(kernel, 'scaled_ws', eps=self.eps, scale=gain,
+                              closed_form_backward=self.closed_form_backward)
 
 
 class PWSConv(_ConvBase):
@@ -337,6 +349,10 @@ class PWSConv(_ConvBase):
     init_alpha: data-dependent scalar alpha init on the init batch (alpha 1.0 and a warning when
       that batch gives an output without variance).
     kernel_init: kernel initializer (None: He normal for ``mode``).
+    closed_form_backward: the closed-form derivative of the kernel standardization (default
+      True); False differentiates its direct formula by autodiff (same values; see
+      :func:`jaxnorm.functional.standardize_kernel`). Independent of ``custom_backward`` (the
+      convolution's).
 
   References:
     Liu, Ge, Li, Gui (2021), "Delving into Variance Transmission and Normalization: Shift of
@@ -349,6 +365,7 @@ class PWSConv(_ConvBase):
   mode: str = 'fan_in'
   equiv: bool = False
   init_alpha: bool = False
+  closed_form_backward: bool = True
 
   def _default_kernel_init(self):
     check_choice('PWSConv', 'mode', self.mode, FAN_MODES)
@@ -361,7 +378,7 @@ class PWSConv(_ConvBase):
 
     def standardize(alpha):
       return standardize_kernel(kernel, 'pws', scale=alpha, gamma=self.gamma, mode=self.mode,
-                                equiv=self.equiv)
+                                equiv=self.equiv, closed_form_backward=self.closed_form_backward)
 
     def alpha_init(key, shape, dtype):
       del key

@@ -234,6 +234,9 @@ class WSConv(_ConvBase):
       standardizes to 0. ``fan_in = 1`` (``prod(kernel_size) * in_features / G``): every
       standardized filter is 0 and the layer outputs its bias; ``'ws'`` warns, ``'ws_std'``
       raises ValueError.
+    closed_form_backward: the closed-form derivative of the kernel standardization (default
+      True); False differentiates its direct formula by autodiff (same values; see
+      :func:`jaxnorm.functional.standardize_kernel`).
     **kwargs: the remaining :class:`Conv` arguments (``use_bias``, ``feature_group_count``,
       ``dtype``, ..., ``rngs``).
 
@@ -244,19 +247,21 @@ class WSConv(_ConvBase):
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
                strides: None | int | Sequence[int] = 1, *, method: str = 'ws',
-               eps: float = 1e-5, kernel_init: Initializer = _LECUN_NORMAL, rngs: nnx.Rngs,
-               **kwargs):
+               eps: float = 1e-5, kernel_init: Initializer = _LECUN_NORMAL,
+               closed_form_backward: bool = True, rngs: nnx.Rngs, **kwargs):
     check_choice('WSConv', 'method', method, ('ws', 'ws_std'))
     check_stabilizer('WSConv', 'eps', eps, allow_zero=True)
     check_fan_in('WSConv', _kernel_shape('WSConv', in_features, out_features, kernel_size,
                                          kwargs.get('feature_group_count', 1)), method)
     self.method = method
     self.eps = eps
+    self.closed_form_backward = closed_form_backward
     super().__init__(in_features, out_features, kernel_size, strides, kernel_init=kernel_init,
                      rngs=rngs, **kwargs)
 
   def _transform_kernel(self, kernel):
-    return standardize_kernel(kernel, self.method, eps=self.eps)
+    return standardize_kernel(kernel, self.method, eps=self.eps,
+                              closed_form_backward=self.closed_form_backward)
 
 
 class ScaledWSConv(_ConvBase):
@@ -277,6 +282,9 @@ class ScaledWSConv(_ConvBase):
       ValueError). ``fan_in = 1``: every standardized filter is 0 (the layer outputs its bias);
       a warning is emitted.
     kernel_init: kernel initializer (None: variance scaling 1.0, fan-in, normal).
+    closed_form_backward: the closed-form derivative of the kernel standardization (default
+      True); False differentiates its direct formula by autodiff (same values; see
+      :func:`jaxnorm.functional.standardize_kernel`).
     **kwargs: the remaining :class:`Conv` arguments.
 
   References:
@@ -286,19 +294,22 @@ class ScaledWSConv(_ConvBase):
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
                strides: None | int | Sequence[int] = 1, *, eps: float = 1e-4,
-               kernel_init: Initializer | None = None, rngs: nnx.Rngs, **kwargs):
+               kernel_init: Initializer | None = None, closed_form_backward: bool = True,
+               rngs: nnx.Rngs, **kwargs):
     check_stabilizer('ScaledWSConv', 'eps', eps, allow_zero=False)
     check_fan_in('ScaledWSConv',
                  _kernel_shape('ScaledWSConv', in_features, out_features, kernel_size,
                                kwargs.get('feature_group_count', 1)), 'scaled_ws')
     self.eps = eps
+    self.closed_form_backward = closed_form_backward
     kernel_init = kernel_init or initializers.variance_scaling(1.0, 'fan_in', 'normal')
     super().__init__(in_features, out_features, kernel_size, strides, kernel_init=kernel_init,
                      rngs=rngs, **kwargs)
     self.gain = nnx.Param(jnp.ones((out_features,), self.param_dtype))
 
   def _transform_kernel(self, kernel):
-    return standardize_kernel(kernel, 'scaled_ws', eps=self.eps, scale=self.gain[...])
+    return standardize_kernel(kernel, 'scaled_ws', eps=self.eps, scale=self.gain[...],
+                              closed_form_backward=self.closed_form_backward)
 
 
 class PWSConv(_ConvBase):
@@ -324,6 +335,9 @@ class PWSConv(_ConvBase):
     mode: ``'fan_in'`` or ``'fan_out'``.
     equiv: use ``gamma * 2 / fan``.
     kernel_init: kernel initializer (None: He normal, ``variance_scaling(2.0, mode, 'normal')``).
+    closed_form_backward: the closed-form derivative of the kernel standardization (default
+      True); False differentiates its direct formula by autodiff (same values; see
+      :func:`jaxnorm.functional.standardize_kernel`).
     **kwargs: the remaining :class:`Conv` arguments.
 
   References:
@@ -335,7 +349,7 @@ class PWSConv(_ConvBase):
   def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
                strides: None | int | Sequence[int] = 1, *, gamma: float = 1e-5,
                mode: str = 'fan_in', equiv: bool = False, kernel_init: Initializer | None = None,
-               rngs: nnx.Rngs, **kwargs):
+               closed_form_backward: bool = True, rngs: nnx.Rngs, **kwargs):
     check_choice('PWSConv', 'mode', mode, FAN_MODES)
     check_stabilizer('PWSConv', 'gamma', gamma, allow_zero=True)
     check_fan_in('PWSConv', _kernel_shape('PWSConv', in_features, out_features, kernel_size,
@@ -343,6 +357,7 @@ class PWSConv(_ConvBase):
     self.gamma = gamma
     self.mode = mode
     self.equiv = equiv
+    self.closed_form_backward = closed_form_backward
     kernel_init = kernel_init or initializers.variance_scaling(2.0, mode, 'normal')
     super().__init__(in_features, out_features, kernel_size, strides, kernel_init=kernel_init,
                      rngs=rngs, **kwargs)
@@ -350,7 +365,7 @@ class PWSConv(_ConvBase):
 
   def _standardize(self, kernel, alpha):
     return standardize_kernel(kernel, 'pws', scale=alpha, gamma=self.gamma, mode=self.mode,
-                              equiv=self.equiv)
+                              equiv=self.equiv, closed_form_backward=self.closed_form_backward)
 
   def _transform_kernel(self, kernel):
     return self._standardize(kernel, self.alpha[...])
