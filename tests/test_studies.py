@@ -175,6 +175,7 @@ def test_a_full_scale_run_takes_its_first_steps_at_smoke_size(tmp_path):
   assert summary['step'] == 2 and np.isfinite(summary['train_loss'])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('paper', PAPERS)
 def test_smoke_study_writes_claims_figures_and_resumes_and_its_notebook_runs(paper, tmp_path,
                                                                            capsys):
