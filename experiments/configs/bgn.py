@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxnorm.studies.harness import training_base
+from jaxnorm.studies.harness import check_scale, training_base
 
 # BGN reconstruction choices (MLP keywords, see jaxnorm.models.MLP); each is trained over the BGN
 # learning-rate grid times its factor in `lr_factors`.
@@ -56,9 +56,7 @@ def _train_base(scale: str) -> ml_collections.ConfigDict:
 
 def get_config(scale: str = 'cpu') -> ml_collections.ConfigDict:
   """The study config at ``scale`` ('smoke', 'cpu' or 'full')."""
-  if scale not in ('smoke', 'cpu', 'full'):
-    raise ValueError(f"bgn.get_config: argument `scale` expected 'smoke', 'cpu' or 'full', "
-                     f'got {scale!r}.')
+  check_scale('bgn', scale)
   c = ml_collections.ConfigDict()
   c.paper = 'bgn'
   c.study = 'jaxnorm.studies.bgn'

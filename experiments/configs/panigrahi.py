@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxnorm.studies.harness import training_base
+from jaxnorm.studies.harness import check_scale, training_base
 
 
 def _train_base(scale: str) -> ml_collections.ConfigDict:
@@ -33,9 +33,7 @@ def _train_base(scale: str) -> ml_collections.ConfigDict:
 
 def get_config(scale: str = 'cpu') -> ml_collections.ConfigDict:
   """The study config at ``scale`` ('smoke', 'cpu' or 'full')."""
-  if scale not in ('smoke', 'cpu', 'full'):
-    raise ValueError(f"panigrahi.get_config: argument `scale` expected 'smoke', 'cpu' or 'full', "
-                     f'got {scale!r}.')
+  check_scale('panigrahi', scale)
   c = ml_collections.ConfigDict()
   c.paper = 'panigrahi'
   c.study = 'jaxnorm.studies.panigrahi'

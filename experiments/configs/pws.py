@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxnorm.studies.harness import training_base
+from jaxnorm.studies.harness import check_scale, training_base
 
 # name -> model keywords on top of `model` (jaxnorm.models.pws_nets.pws_net). The official
 # BatchNorm baseline on CIFAR zero-initializes the last BN of each branch.
@@ -75,9 +75,7 @@ def _train_base(scale: str) -> ml_collections.ConfigDict:
 
 def get_config(scale: str = 'cpu') -> ml_collections.ConfigDict:
   """The study config at ``scale`` ('smoke', 'cpu' or 'full')."""
-  if scale not in ('smoke', 'cpu', 'full'):
-    raise ValueError(f"pws.get_config: argument `scale` expected 'smoke', 'cpu' or 'full', "
-                     f'got {scale!r}.')
+  check_scale('pws', scale)
   c = ml_collections.ConfigDict()
   c.paper = 'pws'
   c.study = 'jaxnorm.studies.pws'

@@ -41,7 +41,7 @@ import math
 
 import numpy as np
 
-from jaxnorm.studies.harness import Claim, StudyDir, as_float, load_states, verdict_from
+from jaxnorm.studies.harness import Claim, StudyDir, as_float, fixed_batch, verdict_from
 
 PAPER_ARXIV = 'arXiv:2106.09475'
 IMPROVES = 0.02  # BGN "improves" a condition when its best test accuracy is 2 points higher
@@ -117,10 +117,7 @@ def _batch(c, dataset: str, size: int) -> dict:
 
 @functools.cache
 def _batch_of(dataset: str, data_dir, size: int, seed: int) -> dict:
-  from jaxnorm.training import BatchIterator, load_dataset
-
-  ds = load_dataset(dataset, 'train', data_dir=data_dir)
-  b = BatchIterator(ds, min(size, len(ds)), seed=seed, train=False).batch(0)
+  b = fixed_batch(dataset, data_dir, size, seed)
   return {'image': np.asarray(b['image']).reshape(len(b['label']), -1),
           'label': np.asarray(b['label'])}
 
@@ -345,15 +342,11 @@ def _lr_note(best: dict) -> str:
 def _checkpoint_norms(c, study: StudyDir, cfg, summary) -> list[dict]:
   """``||dL/dW_l||`` on the fixed init batch at every checkpoint of a run (None = init)."""
   b = _batch(c, cfg.dataset, c.init.batch_size)
-  workdir = study.path(summary['workdir'], 'x')[:-2]
-  every = cfg.checkpoint_every
-  last = summary['step'] if not summary['diverged'] else (summary['step'] - 1) // every * every
-  steps = [None, *range(every, last + 1, every)]
-  model, states = load_states(cfg, workdir, steps)
+  model, states = study.run_states(cfg, summary)
   rows = []
-  for step, state in zip(steps, states, strict=True):
+  for step, state in states:
     loss, norms = weight_grad_norms(model, state.params, b['image'], b['label'])
-    rows.append({'step': 0 if step is None else step, 'loss': loss, 'norms': norms})
+    rows.append({'step': step, 'loss': loss, 'norms': norms})
   return rows
 
 

@@ -143,9 +143,7 @@ class _Context:
     # compilation cache its executable is shared with the run's).
     # On the host: the state is replicated over every device, the measurements run on one.
     self.model, (state,) = load_states(cfg, None, [None])
-    self.variables = jax.device_get({'params': state.params})
-    if state.batch_stats:
-      self.variables['batch_stats'] = jax.device_get(state.batch_stats)
+    self.variables = jax.device_get(state.variables)
     self.rest = {k: v for k, v in self.variables.items() if k != 'params'}
 
   def loss_fn(self):
@@ -181,8 +179,8 @@ def layer_blocks(num_blocks: int, layers) -> list[int]:
 def _trajectory(ctx, learning_rate: float, steps: int):
   """The parameters at the start of training steps 1 .. ``steps`` at ``learning_rate``.
 
-  Takes the run's optimizer (``jaxnorm.training.optim.make_optimizer``) at a constant rate on the
-  run's first mini-batches. Returns the stacked params (leading axis = step).
+  Takes the run's optimizer (``jaxnorm.training.optim.optimizer_from_config``) at a constant
+  rate on the run's first mini-batches. Returns the stacked params (leading axis = step).
   """
   import jax
   import jax.numpy as jnp
@@ -193,11 +191,7 @@ def _trajectory(ctx, learning_rate: float, steps: int):
   params = ctx.variables['params']
   if steps == 1:
     return jax.tree.map(lambda a: a[None], params)
-  o = ctx.cfg.optimizer
-  tx = optim.make_optimizer(o.name, optax.constant_schedule(learning_rate), momentum=o.momentum,
-                            nesterov=o.nesterov, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
-                            eps=o.eps, agc_clip=o.agc_clip,
-                            decay_mask=o.get('decay_mask', 'kernels'))
+  tx = optim.optimizer_from_config(ctx.cfg.optimizer, optax.constant_schedule(learning_rate))
   model, mutable = ctx.model, list(ctx.rest)
   xs = jnp.stack([b['image'] for b in ctx.batches[:steps - 1]])
   ys = jnp.stack([b['label'] for b in ctx.batches[:steps - 1]])
@@ -427,7 +421,7 @@ def _train_part(c, study: StudyDir) -> dict:
   out = {}
   for name, (variant, lr) in _runs(c).items():
     summary = study.train(name, run_config(c, variant, lr))
-    workdir = study.path(summary['workdir'], 'x')[:-2]
+    workdir = study.run_dir(summary)
     curve = []
     if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
       curve = [(r['step'], r['train_loss']) for r in read_metrics(workdir) if 'train_loss' in r]

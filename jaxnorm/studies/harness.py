@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
@@ -223,7 +224,7 @@ class StudyDir:
       return self.part(f'runs/{same}', lambda: None, key=config_json(config))
 
     def run():
-      workdir = self.path('runs', name, 'x')[:-2]
+      workdir = self.path('runs', name)
       t = time.time()
       try:
         s = training.train(config, workdir)
@@ -269,7 +270,7 @@ class StudyDir:
     with open(key_path) as f:
       if f.read().strip() == digest:
         return
-    run_dir = self.path('runs', name, 'x')[:-2]
+    run_dir = self.path('runs', name)
     if not (os.path.exists(os.path.join(run_dir, 'config.json'))
             and workdir_lib.has_progress(run_dir)):
       return
@@ -280,9 +281,38 @@ class StudyDir:
     with open(key_path, 'w') as f:
       f.write(digest)
 
+  def run_dir(self, summary: dict[str, Any]) -> str:
+    """The workdir of the run whose :meth:`train` summary is ``summary``."""
+    return self.path(summary['workdir'])
+
+  def run_states(self, config, summary: dict[str, Any]):
+    """The model, and ``(step, state)`` of a :meth:`train` run at initialization (step 0) and at
+    every checkpoint it saved (a run that diverged: those before the non-finite step).
+
+    Returns:
+      ``(model, [(step, TrainState), ...])`` (see :func:`load_states`).
+    """
+    every = config.checkpoint_every
+    step = summary['step']
+    last = step if not summary['diverged'] else (step - 1) // every * every
+    steps = [None, *range(every, last + 1, every)]
+    model, states = load_states(config, self.run_dir(summary), steps)
+    return model, [(0 if s is None else s, state) for s, state in zip(steps, states, strict=True)]
+
   def figure(self, name: str) -> str:
     """The path of figure ``name`` (a PNG in the workdir)."""
     return self.path(f'{name}.png')
+
+
+@functools.cache
+def fixed_batch(dataset: str, data_dir: str | None, size: int, seed: int) -> dict[str, Any]:
+  """A fixed batch of ``min(size, len)`` training examples of ``dataset`` (the first batch of an
+  evaluation-order :class:`~jaxnorm.training.BatchIterator` with ``seed``), on which a study
+  measures every checkpoint of its runs. Loaded once per process; do not modify it."""
+  from jaxnorm.training import BatchIterator, load_dataset
+
+  ds = load_dataset(dataset, 'train', data_dir=data_dir)
+  return BatchIterator(ds, min(int(size), len(ds)), seed=int(seed), train=False).batch(0)
 
 
 def _digest(key) -> str:
@@ -339,6 +369,13 @@ def train_size(config) -> int:
   from jaxnorm.training import load_dataset
 
   return len(load_dataset(config.dataset, 'train', data_dir=config.data_dir or None))
+
+
+def check_scale(paper: str, scale) -> None:
+  """Raises ValueError, naming ``<paper>.get_config``, unless ``scale`` is one of ``SCALES``."""
+  if scale not in SCALES:
+    raise ValueError(f"{paper}.get_config: argument `scale` expected 'smoke', 'cpu' or 'full', "
+                     f'got {scale!r}.')
 
 
 def training_base(scale: str):

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from jaxnorm.studies.harness import Claim, StudyDir, as_float, load_states, verdict_from
+from jaxnorm.studies.harness import Claim, StudyDir, as_float, fixed_batch, verdict_from
 
 
 def _ratio(series) -> float:
@@ -235,16 +235,12 @@ def _run_config(c, variant: str):
 def _grad_ratio_of(model, state, batch) -> dict:
   from jaxnorm.diagnostics.signal_propagation import signal_propagation
 
-  variables = {'params': state.params}
-  if state.batch_stats:
-    variables['batch_stats'] = state.batch_stats
-  rep = signal_propagation(model, variables, batch['image'], batch['label'])
+  rep = signal_propagation(model, state.variables, batch['image'], batch['label'])
   g = rep.series('grad_var')
   return {'grad_var': g.tolist(), 'ratio': _ratio(g)}
 
 
 def _training_part(c, study: StudyDir) -> dict:
-  from jaxnorm.training import BatchIterator, load_dataset
   from jaxnorm.training.workdir import config_json
 
   out = {}
@@ -253,15 +249,10 @@ def _training_part(c, study: StudyDir) -> dict:
     summary = study.train(f'training/{variant}', cfg)
 
     def measure(cfg=cfg, summary=summary, variant=variant):
-      ds = load_dataset(cfg.dataset, 'train', data_dir=cfg.data_dir or None)
-      batch = BatchIterator(ds, 256 if len(ds) >= 256 else len(ds), seed=1, train=False).batch(0)
-      workdir = study.path(summary['workdir'], 'x')[:-2]
-      every = cfg.checkpoint_every
-      last = summary['step'] if not summary['diverged'] else (summary['step'] - 1) // every * every
-      steps = [None, *range(every, last + 1, every)]
-      model, states = load_states(cfg, workdir, steps)
-      rows = [dict(step=0 if step is None else step, **_grad_ratio_of(model, state, batch))
-              for step, state in zip(steps, states, strict=True)]
+      batch = fixed_batch(cfg.dataset, cfg.data_dir or None, 256, 1)
+      model, states = study.run_states(cfg, summary)
+      rows = [dict(step=step, **_grad_ratio_of(model, state, batch))
+              for step, state in states]
       return {'checkpoints': rows, 'summary': summary}
 
     out[variant] = study.part(f'training/{variant}/gradients', measure,

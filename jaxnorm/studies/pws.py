@@ -41,7 +41,7 @@ import copy
 
 import numpy as np
 
-from jaxnorm.studies.harness import Claim, StudyDir, as_float, load_states, verdict_from
+from jaxnorm.studies.harness import Claim, StudyDir, as_float, fixed_batch, verdict_from
 
 PAPER_ARXIV = 'arXiv:2103.11590'
 # The paper's top-1 accuracies (%), from the official code's README.
@@ -281,22 +281,13 @@ def _shift_configs(c) -> dict:
 def _shift_measure(c, study: StudyDir, cfg, summary) -> dict:
   """Per checkpoint (None = init): every conv layer's filter-mean statistics on a fixed batch."""
   from jaxnorm.diagnostics.weights import filter_mean_statistics
-  from jaxnorm.training import BatchIterator, load_dataset
 
-  ds = load_dataset(cfg.dataset, 'train', data_dir=cfg.data_dir or None)
-  batch = BatchIterator(ds, min(c.shift.measure_batch, len(ds)), seed=1, train=False).batch(0)
-  workdir = study.path(summary['workdir'], 'x')[:-2]
-  every = cfg.checkpoint_every
-  last = summary['step'] if not summary['diverged'] else (summary['step'] - 1) // every * every
-  steps = [None, *range(every, last + 1, every)]
-  model, states = load_states(cfg, workdir, steps)
+  batch = fixed_batch(cfg.dataset, cfg.data_dir or None, c.shift.measure_batch, 1)
+  model, states = study.run_states(cfg, summary)
   rows = []
   layers = None
-  for step, state in zip(steps, states, strict=True):
-    variables = {'params': state.params}
-    if state.batch_stats:
-      variables['batch_stats'] = state.batch_stats
-    stats = filter_mean_statistics(model, variables, batch['image'], batch['label'])
+  for step, state in states:
+    stats = filter_mean_statistics(model, state.variables, batch['image'], batch['label'])
     layers = layers or sorted(stats)
     rows.append({'step': 0 if step is None else step,
                  **{k: [stats[name][k] for name in layers]

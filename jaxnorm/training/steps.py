@@ -53,6 +53,13 @@ class TrainState:
   opt_state: Pytree
   rng: jax.Array
 
+  @property
+  def variables(self) -> dict[str, Pytree]:
+    """The model's variables for ``model.apply``: ``params``, and ``batch_stats`` when any."""
+    if self.batch_stats:
+      return {'params': self.params, 'batch_stats': self.batch_stats}
+    return {'params': self.params}
+
 
 def make_mesh(devices=None) -> Mesh:
   """A 1-D mesh with axis ``'data'`` over ``devices`` (default: all devices of all hosts)."""
